@@ -1,0 +1,25 @@
+# `make demo` trains baseline vs intra-distillation on real offline data; `make test` runs the suite.
+# Both create .venv (or use VENV=...) and install what they need into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml setup.py | md5sum | cut -c1-12)
+
+.PHONY: test demo install clean
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	# torch pinned first: the CPU build on local disk (a bare `torch` pulls a multi-GB CUDA build).
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements/test.txt
+	$(PIP) install --no-build-isolation --no-deps -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build *.egg-info

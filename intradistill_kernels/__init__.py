@@ -1,0 +1,19 @@
+"""Fused kernels for intra-distillation (Xu, Koehn, Murray 2022)."""
+
+from .functional import (
+    IntraDistillationOutput,
+    available_backends,
+    consistency_mse,
+    intra_distillation_loss,
+    js_divergence,
+    x_divergence,
+)
+from .modules import IntraDistillationLoss, XDivergenceLoss
+from .schedule import AdaptiveAlpha
+
+__all__ = [
+    "x_divergence", "js_divergence", "intra_distillation_loss", "consistency_mse",
+    "XDivergenceLoss", "IntraDistillationLoss", "AdaptiveAlpha", "available_backends",
+    "IntraDistillationOutput",
+]
+__version__ = "0.1.0"

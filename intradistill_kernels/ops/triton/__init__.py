@@ -1,0 +1,83 @@
+"""Launchers of the Triton kernels, with the backend interface shared by every fused backend.
+
+    forward(logits, row_off, target, js, label_smoothing, has_ce) -> (ce_row, div_row, lse, stat)
+    backward(logits, row_off, target, lse, stat, g_ce, g_div, js, label_smoothing, has_ce,
+             grad, grad_row_off) -> None    (writes grad; grad may be logits itself)
+
+logits is any strided [K, *B, V] tensor, row_off int64 [N] the element offset of row n of pass 0
+(see ops.rows.row_offsets), target int64 [N] with -1 at inactive rows. ce_row and div_row are fp32
+[N]; lse and stat fp32 [K, N] (stat is s_k for the X form, KL(p_k ‖ p̄) for JS).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Elements of the [K_PAD, BLOCK_V] tile held per loop iteration: enough in flight to cover memory
+# latency on Hopper/Ampere while the fp32 temporaries still fit in registers at 8 warps.
+TILE_ELEMENTS = 4096
+
+
+def is_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return interpret_mode() or torch.cuda.is_available()
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports(t: torch.Tensor) -> bool:
+    return t.is_cuda or (interpret_mode() and t.device.type == "cpu")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def launch_config(k: int, v: int) -> dict:
+    """Compile-time constants and launch options the dispatcher uses for K passes of V classes."""
+    k_pad = _next_pow2(k)
+    block_v = min(max(_next_pow2(v), 16), max(16, TILE_ELEMENTS // k_pad))
+    num_warps = 8 if k_pad * block_v >= 4096 else 4
+    return {"K": k, "K_PAD": k_pad, "BLOCK_V": block_v, "num_warps": num_warps}
+
+
+def forward(logits, row_off, target, js, label_smoothing, has_ce):
+    from .kernels import _forward_kernel
+
+    k, v = logits.shape[0], logits.shape[-1]
+    n = row_off.numel()
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    ce_row, div_row = torch.empty(n, **f32), torch.empty(n, **f32)
+    lse, stat = torch.empty(k, n, **f32), torch.empty(k, n, **f32)
+    if n == 0:
+        return ce_row, div_row, lse, stat
+    _forward_kernel[(n,)](
+        logits, row_off, target, ce_row, div_row, lse, stat,
+        n, v, logits.stride(0), logits.stride(-1), float(label_smoothing),
+        HAS_CE=bool(has_ce), SMOOTH=bool(has_ce and label_smoothing > 0), JS=bool(js),
+        **launch_config(k, v),
+    )
+    return ce_row, div_row, lse, stat
+
+
+def backward(logits, row_off, target, lse, stat, g_ce, g_div, js, label_smoothing, has_ce, grad, grad_row_off):
+    from .kernels import _backward_kernel
+
+    k, v = logits.shape[0], logits.shape[-1]
+    n = row_off.numel()
+    if n == 0:
+        return
+    _backward_kernel[(n,)](
+        logits, row_off, target, lse, stat, g_ce, g_div, grad, grad_row_off,
+        n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1),
+        float(label_smoothing),
+        HAS_CE=bool(has_ce), SMOOTH=bool(has_ce and label_smoothing > 0), JS=bool(js),
+        **launch_config(k, v),
+    )

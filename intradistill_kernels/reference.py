@@ -1,0 +1,102 @@
+"""Eager PyTorch implementation: the executable specification and the "torch" backend.
+
+Every formula here is written the way the paper states it (both KL directions, log p̄ from the
+probabilities), not in the kernels' log-free form, so that tests comparing the kernels with this
+module check the algebra of DESIGN.md §1 as well as the code.
+
+All functions take logits [K, N, V] and a bool vector `active` [N] and return per-row values [N]
+(0 at inactive rows). Inactive rows are removed before any arithmetic, so NaN or -inf in an
+ignored row can reach neither the result nor the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _xlogy_diff(p: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """p * (a - b) with 0 wherever p == 0 (also when a - b is NaN or inf there).
+
+    `p != 0` rather than `p > 0` so that a NaN probability stays NaN. The difference itself is
+    masked too: with a single where, the backward would multiply a zero gradient by a NaN.
+    """
+    keep = p != 0
+    diff = torch.where(keep, a - b, torch.zeros((), dtype=p.dtype, device=p.device))
+    return torch.where(keep, p * diff, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+def _log_mean_prob(logp: Tensor) -> Tensor:
+    """log p̄ over the pass dimension 0, from log-probabilities."""
+    k = logp.shape[0]
+    return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(k), dtype=logp.dtype))
+
+
+def _scatter_rows(values: Tensor, active: Tensor) -> Tensor:
+    out = values.new_zeros(active.shape[0])
+    return out.index_put((active.nonzero().squeeze(1),), values)
+
+
+def _active_logp(logits: Tensor, active: Tensor) -> Tensor:
+    z = logits[:, active].to(_compute_dtype(logits.dtype))
+    return torch.log_softmax(z, dim=-1)
+
+
+def x_divergence_rows(logits: Tensor, active: Tensor) -> Tensor:
+    """X = (1/K) Σ_k [KL(p_k ‖ p̄) + KL(p̄ ‖ p_k)] per row (the paper's Eq. 8)."""
+    logp = _active_logp(logits, active)
+    p = logp.exp()
+    logpbar = _log_mean_prob(logp)
+    pbar = p.mean(0)
+    kl_k_bar = _xlogy_diff(p, logp, logpbar).sum(-1)
+    kl_bar_k = _xlogy_diff(pbar.expand_as(p), logpbar.expand_as(p), logp).sum(-1)
+    return _scatter_rows((kl_k_bar + kl_bar_k).mean(0), active)
+
+
+def js_divergence_rows(logits: Tensor, active: Tensor) -> Tensor:
+    """(1/K) Σ_k KL(p_k ‖ p̄) per row."""
+    logp = _active_logp(logits, active)
+    kl = _xlogy_diff(logp.exp(), logp, _log_mean_prob(logp)).sum(-1)
+    return _scatter_rows(kl.mean(0), active)
+
+
+def jeffrey_divergence_rows(logits: Tensor, active: Tensor) -> Tensor:
+    """Mean over pairs i < j of (KL(p_i ‖ p_j) + KL(p_j ‖ p_i)) / 2 (R-Drop's term for K = 2)."""
+    logp = _active_logp(logits, active)
+    p = logp.exp()
+    k = logp.shape[0]
+    pairs = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            sym = _xlogy_diff(p[i], logp[i], logp[j]) + _xlogy_diff(p[j], logp[j], logp[i])
+            pairs.append(sym.sum(-1) / 2)
+    return _scatter_rows(torch.stack(pairs).mean(0), active)
+
+
+DIVERGENCE_ROWS = {
+    "x": x_divergence_rows,
+    "js": js_divergence_rows,
+    "jeffrey": jeffrey_divergence_rows,
+}
+
+
+def cross_entropy_rows(logits: Tensor, target: Tensor, active: Tensor, label_smoothing: float) -> Tensor:
+    """Mean over the K passes of torch's cross-entropy (with its label-smoothing convention)."""
+    z = logits[:, active].to(_compute_dtype(logits.dtype))
+    k, n, v = z.shape
+    y = target[active].repeat(k)
+    ce = F.cross_entropy(z.reshape(k * n, v), y, reduction="none", label_smoothing=label_smoothing)
+    return _scatter_rows(ce.reshape(k, n).mean(0), active)
+
+
+def consistency_mse_rows(outputs: Tensor, active: Tensor) -> Tensor:
+    """(1/K) Σ_k ‖o_k − ō‖² per row; outputs [K, N, D]."""
+    o = outputs[:, active].to(_compute_dtype(outputs.dtype))
+    sq = (o - o.mean(0, keepdim=True)).square().sum(-1)
+    return _scatter_rows(sq.mean(0), active)
