@@ -84,7 +84,10 @@ def _check_target(target, batch_shape, v: int, ignore_index: int, device) -> tup
     target = target.reshape(-1).long()
     active = target != ignore_index
     bad = active & ((target < 0) | (target >= v))
-    if bool(bad.any()):
+    if torch.compiler.is_compiling():
+        # A traced graph cannot branch on data; the check becomes an (async) runtime assert.
+        torch._assert_async(~bad.any(), f"target values must lie in [0, {v}) or equal ignore_index={ignore_index}")
+    elif bool(bad.any()):
         value = int(target[bad][0])
         raise ValueError(f"target values must lie in [0, {v}) or equal ignore_index={ignore_index}; found {value}")
     return target, active
@@ -104,24 +107,30 @@ def _check_float(name: str, value, low: float, high: float | None = None) -> Non
 
 def _resolve_backend(backend, logits: Tensor) -> str:
     _check_choice("backend", backend, ("auto",) + BACKENDS)
+    return _pick_backend(backend, str(logits.device), str(logits.dtype).removeprefix("torch."))
+
+
+@torch.compiler.assume_constant_result
+def _pick_backend(backend: str, device: str, dtype_name: str) -> str:
+    """The backend that runs; a plain function of strings so torch.compile evaluates it once at
+    trace time instead of tracing the import machinery behind it."""
+    probe = torch.empty(0, dtype=getattr(torch, dtype_name), device=device)
     if backend == "auto":
-        if logits.dtype not in _FUSED_DTYPES:
+        if probe.dtype not in _FUSED_DTYPES:
             return "torch"
-        order = ("triton", "cuda") if logits.is_cuda else ("cpu",)
-        for name in order:
-            impl = backend_impl(name) if backend_available(name) else None
-            if impl is not None and impl.supports(logits):
+        for name in ("triton", "cuda") if probe.is_cuda else ("cpu",):
+            if backend_available(name) and backend_impl(name).supports(probe):
                 return name
         return "torch"
     if backend == "torch":
         return backend
     if not backend_available(backend):
         raise ValueError(f"backend {backend!r} is not available here; available backends: {available_backends()}")
-    if logits.dtype not in _FUSED_DTYPES:
-        raise TypeError(f"backend {backend!r} takes float32, bfloat16 or float16 logits, got {logits.dtype}; use backend='torch' for it")
-    if not backend_impl(backend).supports(logits):
+    if probe.dtype not in _FUSED_DTYPES:
+        raise TypeError(f"backend {backend!r} takes float32, bfloat16 or float16 logits, got {probe.dtype}; use backend='torch' for it")
+    if not backend_impl(backend).supports(probe):
         hint = " (set TRITON_INTERPRET=1 to run Triton on CPU tensors)" if backend == "triton" else ""
-        raise ValueError(f"backend {backend!r} cannot run on {logits.device} tensors{hint}")
+        raise ValueError(f"backend {backend!r} cannot run on {device} tensors{hint}")
     return backend
 
 

@@ -5,8 +5,9 @@ probabilities), not in the kernels' log-free form, so that tests comparing the k
 module check the algebra of DESIGN.md §1 as well as the code.
 
 All functions take logits [K, N, V] and a bool vector `active` [N] and return per-row values [N]
-(0 at inactive rows). Inactive rows are removed before any arithmetic, so NaN or -inf in an
-ignored row can reach neither the result nor the gradient.
+(0 at inactive rows). Inactive rows are replaced by zeros before any arithmetic (rather than
+selected out, which would give torch.compile data-dependent shapes), so NaN or -inf in an ignored
+row can reach neither the result nor the gradient.
 """
 
 from __future__ import annotations
@@ -33,19 +34,31 @@ def _xlogy_diff(p: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _log_mean_prob(logp: Tensor) -> Tensor:
-    """log p̄ over the pass dimension 0, from log-probabilities."""
+    """log p̄ over the pass dimension 0, from log-probabilities.
+
+    Classes at -inf in every pass are taken out of the logsumexp: its backward there would be
+    0 * exp(-inf - (-inf)) = NaN, though such a class has a zero gradient.
+    """
     k = logp.shape[0]
-    return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(k), dtype=logp.dtype))
+    dead = (logp == float("-inf")).all(0)
+    safe = torch.where(dead, torch.zeros((), dtype=logp.dtype), logp)
+    lse = torch.logsumexp(safe, dim=0) - torch.log(torch.tensor(float(k), dtype=logp.dtype))
+    return torch.where(dead, torch.full((), float("-inf"), dtype=logp.dtype), lse)
 
 
-def _scatter_rows(values: Tensor, active: Tensor) -> Tensor:
-    out = values.new_zeros(active.shape[0])
-    return out.index_put((active.nonzero().squeeze(1),), values)
+def _masked_rows(values: Tensor, active: Tensor) -> Tensor:
+    return torch.where(active, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def _active(t: Tensor, active: Tensor) -> Tensor:
+    """t [K, N, ...] in the compute dtype with inactive rows zeroed."""
+    t = t.to(_compute_dtype(t.dtype))
+    keep = active.view(1, -1, *([1] * (t.dim() - 2)))
+    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def _active_logp(logits: Tensor, active: Tensor) -> Tensor:
-    z = logits[:, active].to(_compute_dtype(logits.dtype))
-    return torch.log_softmax(z, dim=-1)
+    return torch.log_softmax(_active(logits, active), dim=-1)
 
 
 def x_divergence_rows(logits: Tensor, active: Tensor) -> Tensor:
@@ -56,14 +69,14 @@ def x_divergence_rows(logits: Tensor, active: Tensor) -> Tensor:
     pbar = p.mean(0)
     kl_k_bar = _xlogy_diff(p, logp, logpbar).sum(-1)
     kl_bar_k = _xlogy_diff(pbar.expand_as(p), logpbar.expand_as(p), logp).sum(-1)
-    return _scatter_rows((kl_k_bar + kl_bar_k).mean(0), active)
+    return _masked_rows((kl_k_bar + kl_bar_k).mean(0), active)
 
 
 def js_divergence_rows(logits: Tensor, active: Tensor) -> Tensor:
     """(1/K) Σ_k KL(p_k ‖ p̄) per row."""
     logp = _active_logp(logits, active)
     kl = _xlogy_diff(logp.exp(), logp, _log_mean_prob(logp)).sum(-1)
-    return _scatter_rows(kl.mean(0), active)
+    return _masked_rows(kl.mean(0), active)
 
 
 def jeffrey_divergence_rows(logits: Tensor, active: Tensor) -> Tensor:
@@ -76,7 +89,7 @@ def jeffrey_divergence_rows(logits: Tensor, active: Tensor) -> Tensor:
         for j in range(i + 1, k):
             sym = _xlogy_diff(p[i], logp[i], logp[j]) + _xlogy_diff(p[j], logp[j], logp[i])
             pairs.append(sym.sum(-1) / 2)
-    return _scatter_rows(torch.stack(pairs).mean(0), active)
+    return _masked_rows(torch.stack(pairs).mean(0), active)
 
 
 DIVERGENCE_ROWS = {
@@ -88,15 +101,15 @@ DIVERGENCE_ROWS = {
 
 def cross_entropy_rows(logits: Tensor, target: Tensor, active: Tensor, label_smoothing: float) -> Tensor:
     """Mean over the K passes of torch's cross-entropy (with its label-smoothing convention)."""
-    z = logits[:, active].to(_compute_dtype(logits.dtype))
+    z = _active(logits, active)
     k, n, v = z.shape
-    y = target[active].repeat(k)
+    y = torch.where(active, target, torch.zeros((), dtype=target.dtype, device=target.device)).repeat(k)
     ce = F.cross_entropy(z.reshape(k * n, v), y, reduction="none", label_smoothing=label_smoothing)
-    return _scatter_rows(ce.reshape(k, n).mean(0), active)
+    return _masked_rows(ce.reshape(k, n).mean(0), active)
 
 
 def consistency_mse_rows(outputs: Tensor, active: Tensor) -> Tensor:
     """(1/K) Σ_k ‖o_k − ō‖² per row; outputs [K, N, D]."""
-    o = outputs[:, active].to(_compute_dtype(outputs.dtype))
+    o = _active(outputs, active)
     sq = (o - o.mean(0, keepdim=True)).square().sum(-1)
-    return _scatter_rows(sq.mean(0), active)
+    return _masked_rows(sq.mean(0), active)
