@@ -48,6 +48,20 @@ def launch_config(k: int, v: int) -> dict:
     return {"K": k, "K_PAD": k_pad, "BLOCK_V": block_v, "num_warps": num_warps}
 
 
+def row_alignment(*tensors) -> int:
+    """Largest power of two (at most 16 bytes' worth of elements) dividing every row offset of
+    every tensor: the batch strides and the data pointer (in elements)."""
+    align = 16
+    for t in tensors:
+        align = min(align, 16 // t.element_size())
+        for value in (*t.stride()[1:-1], t.data_ptr() // t.element_size()):
+            while align > 1 and value % align:
+                align //= 2
+        if t.data_ptr() % t.element_size():
+            align = 1
+    return align
+
+
 def forward(logits, row_off, target, js, label_smoothing, has_ce):
     from .kernels import _forward_kernel
 
@@ -62,7 +76,7 @@ def forward(logits, row_off, target, js, label_smoothing, has_ce):
         logits, row_off, target, ce_row, div_row, lse, stat,
         n, v, logits.stride(0), logits.stride(-1), float(label_smoothing),
         HAS_CE=bool(has_ce), SMOOTH=bool(has_ce and label_smoothing > 0), JS=bool(js),
-        **launch_config(k, v),
+        ALIGN=row_alignment(logits), **launch_config(k, v),
     )
     return ce_row, div_row, lse, stat
 
@@ -79,5 +93,5 @@ def backward(logits, row_off, target, lse, stat, g_ce, g_div, js, label_smoothin
         n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1),
         float(label_smoothing),
         HAS_CE=bool(has_ce), SMOOTH=bool(has_ce and label_smoothing > 0), JS=bool(js),
-        **launch_config(k, v),
+        ALIGN=row_alignment(logits, grad), **launch_config(k, v),
     )

@@ -9,6 +9,8 @@ Addressing: element (k, n, v) of the logits is at
     base + row_off[n] + k * stride_k + v * stride_v
 which covers any strided [K, *B, V] view without a copy (row_off folds all batch dimensions).
 Rows whose target is negative are inactive: their outputs (and gradients) are written as zeros.
+ALIGN (host-computed) is a power of two dividing every row offset; without that hint the compiler
+cannot prove 16-byte alignment of an offset loaded from memory and falls back to scalar loads.
 """
 
 import triton
@@ -37,7 +39,7 @@ def _forward_kernel(
     ce_ptr, div_ptr, lse_ptr, stat_ptr,
     N, V, stride_k, stride_v, label_smoothing,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr,
+    HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr, ALIGN: tl.constexpr,
 ):
     n = tl.program_id(0)
     ks = tl.arange(0, K_PAD)
@@ -49,7 +51,7 @@ def _forward_kernel(
         tl.store(lse_ptr + ks * N + n, tl.zeros([K_PAD], tl.float32), mask=kmask)
         tl.store(stat_ptr + ks * N + n, tl.zeros([K_PAD], tl.float32), mask=kmask)
         return
-    row = logits_ptr + tl.load(row_off_ptr + n)
+    row = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + n), ALIGN)
 
     # One online pass: running max m, S = Σ e^(z-m), A = Σ e^(z-m)·(z - z̄), row sum of z.
     m = tl.full([K_PAD], float("-inf"), tl.float32)
@@ -111,13 +113,13 @@ def _backward_kernel(
     grad_ptr, grad_row_off_ptr,
     N, V, stride_k, stride_v, grad_stride_k, grad_stride_v, label_smoothing,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr,
+    HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr, ALIGN: tl.constexpr,
 ):
     n = tl.program_id(0)
     ks = tl.arange(0, K_PAD)
     kmask = ks < K
     y = tl.load(target_ptr + n)
-    grad_row = grad_ptr + tl.load(grad_row_off_ptr + n)
+    grad_row = grad_ptr + tl.multiple_of(tl.load(grad_row_off_ptr + n), ALIGN)
     grad_ty = grad_ptr.dtype.element_ty
     if y < 0:
         for v0 in range(0, V, BLOCK_V):
@@ -126,7 +128,7 @@ def _backward_kernel(
             ptrs = grad_row + ks[:, None] * grad_stride_k + vs[None, :] * grad_stride_v
             tl.store(ptrs, tl.zeros([K_PAD, BLOCK_V], tl.float32).to(grad_ty), mask=msk)
         return
-    row = logits_ptr + tl.load(row_off_ptr + n)
+    row = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + n), ALIGN)
     lse = tl.load(lse_ptr + ks * N + n, mask=kmask, other=0.0)
     stat = tl.load(stat_ptr + ks * N + n, mask=kmask, other=0.0)
     # d(row value)/d(per-pass value) is 1/K for both the mean CE and the divergence.
