@@ -58,7 +58,7 @@ def variants():
 def compile_variant(kernel, dtype, cap, shape, flags, align, contiguous):
     """As the launcher specialises at run time: a unit vocabulary stride becomes a constant,
     pointers and 16-divisible integers carry tt.divisibility."""
-    cfg = launch_config(*shape)
+    cfg = launch_config(*shape, ELEMENT_BYTES[dtype])
     num_warps = cfg.pop("num_warps")
     has_ce, smooth, js = flags
     constexprs = dict(cfg, HAS_CE=has_ce, SMOOTH=smooth, JS=js, ALIGN=align or 16 // ELEMENT_BYTES[dtype])
@@ -81,8 +81,11 @@ def main(kernel_name, dtype, cap):
         ptx = compiled.asm["ptx"]
         assert ".entry" in ptx and len(compiled.asm["cubin"]) > 0
         if contiguous and shape[1] % 16 == 0:
-            # Aligned contiguous rows must be read with 16-byte vector loads (bandwidth).
+            # Aligned contiguous rows must be read with 16-byte vector loads (bandwidth), and
+            # the reductions over passes must stay in registers: no barrier in the backward.
             assert "ld.global.v4" in ptx, f"no 16-byte loads in {kernel_name} {dtype} {shape} {flags}"
+            if kernel_name == "_backward_kernel":
+                assert "bar.sync" not in ptx, f"barrier in {kernel_name} {dtype} {shape} {flags}"
         count += 1
     print(f"compiled {count} variants of {kernel_name} for {dtype} on sm_{cap}")
 

@@ -15,9 +15,9 @@ import os
 
 import torch
 
-# Elements of the [K_PAD, BLOCK_V] tile held per loop iteration: enough in flight to cover memory
-# latency on Hopper/Ampere while the fp32 temporaries still fit in registers at 8 warps.
-TILE_ELEMENTS = 4096
+# fp32 values a thread holds per [K_PAD, BLOCK_V] temporary; above this the compiler spills.
+VALUES_PER_THREAD = 64
+NUM_WARPS = 8
 
 
 def is_available() -> bool:
@@ -40,11 +40,19 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def launch_config(k: int, v: int) -> dict:
-    """Compile-time constants and launch options the dispatcher uses for K passes of V classes."""
+def launch_config(k: int, v: int, element_size: int = 4) -> dict:
+    """Compile-time constants and launch options for K passes of V classes.
+
+    BLOCK_V is sized so that every warp lies along V, each thread holding all K_PAD rows of its
+    columns with one 16-byte load per row: the reductions over passes (z̄, p̄, log p̄) then stay
+    in registers, and the backward loop needs no shared memory or barrier at all. (With warps
+    split across K, the compiler reduced over passes through shared memory on every iteration.)
+    """
     k_pad = _next_pow2(k)
-    block_v = min(max(_next_pow2(v), 16), max(16, TILE_ELEMENTS // k_pad))
-    num_warps = 8 if k_pad * block_v >= 4096 else 4
+    per_row = max(1, min(16 // element_size, VALUES_PER_THREAD // k_pad))
+    full = per_row * 32 * NUM_WARPS
+    block_v = min(max(_next_pow2(v), 16), full)
+    num_warps = max(1, min(NUM_WARPS, block_v // (per_row * 32)))
     return {"K": k, "K_PAD": k_pad, "BLOCK_V": block_v, "num_warps": num_warps}
 
 
@@ -76,7 +84,7 @@ def forward(logits, row_off, target, js, label_smoothing, has_ce):
         logits, row_off, target, ce_row, div_row, lse, stat,
         n, v, logits.stride(0), logits.stride(-1), float(label_smoothing),
         HAS_CE=bool(has_ce), SMOOTH=bool(has_ce and label_smoothing > 0), JS=bool(js),
-        ALIGN=row_alignment(logits), **launch_config(k, v),
+        ALIGN=row_alignment(logits), **launch_config(k, v, logits.element_size()),
     )
     return ce_row, div_row, lse, stat
 
@@ -93,5 +101,5 @@ def backward(logits, row_off, target, lse, stat, g_ce, g_div, js, label_smoothin
         n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1),
         float(label_smoothing),
         HAS_CE=bool(has_ce), SMOOTH=bool(has_ce and label_smoothing > 0), JS=bool(js),
-        ALIGN=row_alignment(logits, grad), **launch_config(k, v),
+        ALIGN=row_alignment(logits, grad), **launch_config(k, v, logits.element_size()),
     )
