@@ -14,6 +14,8 @@ $(STAMP):
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements/test.txt
 	$(PIP) install --no-build-isolation --no-deps -e .
+	# Compile the C++ extension now rather than inside the first test (it is cached afterwards).
+	$(PY) -c "from intradistill_kernels.ops import cpp; ok = cpp.cpu_backend.is_available(); print('C++ cpu backend:', 'built' if ok else cpp.build_error('cpu'))"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -1,0 +1,329 @@
+// CPU kernel of the fused K-pass loss (DESIGN.md §1): the same algorithm as the Triton kernels.
+//
+// One token per task (at::parallel_for over rows). Its K rows are read a chunk of CHUNK classes
+// at a time into a float buffer, so every inner loop runs over contiguous floats in LANES-wide
+// lane arrays: GCC vectorises them at -O3 without -ffast-math (per-lane accumulators need no
+// reassociation, so results are bitwise reproducible and IEEE inf/NaN semantics are kept).
+// exp is a branch-free polynomial (fast_exp) so that it vectorises too; exp is what bounds this
+// loss on a CPU.
+//
+// Addressing: element (k, n, v) is at data + row_off[n] + k * stride_k + v * stride_v, so any
+// strided [K, *B, V] view is read in place. target[n] < 0 marks an inactive row.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 512;
+constexpr int LANES = 16;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// exp(x) with ~1 ulp error, vectorisable: 2^n * p(r) with Cody-Waite reduction (Cephes
+// coefficients). exp(-inf) and anything below the float range is exactly 0, which the kernels
+// rely on to recognise classes at -inf; NaN stays NaN.
+inline float fast_exp(float x) {
+  float xc = std::min(std::max(x, -87.0f), 88.0f);
+  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float out = y * scale;
+  out = x < -87.0f ? 0.0f : out;
+  out = x > 88.7f ? std::numeric_limits<float>::infinity() : out;
+  return x != x ? x : out;
+}
+
+template <typename T>
+struct Rows {
+  const T* data;
+  int64_t stride_k, stride_v;
+  // Loads classes [v0, v0 + len) of pass k of the row at `row` into dst[0, padded), padding with -inf.
+  void load(const T* row, int64_t k, int64_t v0, int64_t len, int64_t padded, float* dst) const {
+    const T* src = row + k * stride_k + v0 * stride_v;
+    if (stride_v == 1) {
+      for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<float>(src[i]);
+    } else {
+      for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<float>(src[i * stride_v]);
+    }
+    for (int64_t i = len; i < padded; ++i) dst[i] = NEG_INF;
+  }
+};
+
+inline int64_t round_up(int64_t x) { return (x + LANES - 1) / LANES * LANES; }
+
+inline float lane_max(const float* x, int64_t n) {
+  float acc[LANES];
+  for (int j = 0; j < LANES; ++j) acc[j] = NEG_INF;
+  for (int64_t i = 0; i < n; i += LANES)
+    for (int j = 0; j < LANES; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+  float m = NEG_INF;
+  for (int j = 0; j < LANES; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
+inline float lane_sum(const float* acc) {
+  float s = 0.0f;
+  for (int j = 0; j < LANES; ++j) s += acc[j];
+  return s;
+}
+
+// log p̄ per class from the K log-probability rows (classes at -inf in every pass give -inf).
+inline void log_mean_prob(const float* logp, int64_t K, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float mx = NEG_INF;
+    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, logp[k * CHUNK + i]);
+    float safe = mx == NEG_INF ? 0.0f : mx;
+    float s = 0.0f;
+    for (int64_t k = 0; k < K; ++k) s += fast_exp(logp[k * CHUNK + i] - safe);
+    out[i] = safe + std::log(s / static_cast<float>(K));
+  }
+}
+
+struct Config {
+  int64_t K, V;
+  bool js, has_ce;
+  float eps;
+};
+
+template <typename T>
+void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* target, const Config& c,
+                  float* ce_row, float* div_row, float* lse_out, float* stat_out, int64_t N) {
+  const int64_t K = c.K, V = c.V;
+  const bool smooth = c.has_ce && c.eps > 0.0f;
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(K * CHUNK), zbar(CHUNK), lpbar(CHUNK);
+    std::vector<float> m(K), S(K), A(K), zsum(K), lse(K), stat(K);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t y = target[n];
+      if (y < 0) {
+        ce_row[n] = div_row[n] = 0.0f;
+        for (int64_t k = 0; k < K; ++k) lse_out[k * N + n] = stat_out[k * N + n] = 0.0f;
+        continue;
+      }
+      const T* row = rows.data + row_off[n];
+      std::fill(m.begin(), m.end(), NEG_INF);
+      std::fill(S.begin(), S.end(), 0.0f);
+      std::fill(A.begin(), A.end(), 0.0f);
+      std::fill(zsum.begin(), zsum.end(), 0.0f);
+      for (int64_t v0 = 0; v0 < V; v0 += CHUNK) {
+        const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
+        for (int64_t k = 0; k < K; ++k) rows.load(row, k, v0, len, padded, &z[k * CHUNK]);
+        if (!c.js) {
+          for (int64_t i = 0; i < padded; ++i) zbar[i] = 0.0f;
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t i = 0; i < padded; ++i) zbar[i] += z[k * CHUNK + i];
+          for (int64_t i = 0; i < padded; ++i) zbar[i] /= static_cast<float>(K);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const float* zk = &z[k * CHUNK];
+          const float m_new = std::max(m[k], lane_max(zk, padded));
+          // A row at -inf so far keeps m = -inf; shifting by 0 avoids (-inf) - (-inf).
+          const float shift = m_new == NEG_INF ? 0.0f : m_new;
+          const float scale = fast_exp(m[k] - shift);
+          float s_acc[LANES] = {0}, a_acc[LANES] = {0};
+          for (int64_t i = 0; i < padded; i += LANES)
+            for (int j = 0; j < LANES; ++j) {
+              const float e = fast_exp(zk[i + j] - shift);
+              s_acc[j] += e;
+              // e == 0 marks classes at -inf in this pass (z - z̄ may be NaN there): term 0.
+              // A NaN logit gives e = NaN, which is not 0 and reaches the result.
+              if (!c.js) a_acc[j] += e == 0.0f ? 0.0f : e * (zk[i + j] - zbar[i + j]);
+            }
+          S[k] = S[k] * scale + lane_sum(s_acc);
+          if (!c.js) A[k] = A[k] * scale + lane_sum(a_acc);
+          if (smooth) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < len; ++i) acc += zk[i];
+            zsum[k] += acc;
+          }
+          m[k] = m_new;
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) lse[k] = m[k] + std::log(S[k]);
+      if (c.js) {
+        // Second pass: KL_k = Σ p_k (log p_k − log p̄); log p̄ needs every lse_k first.
+        std::fill(stat.begin(), stat.end(), 0.0f);
+        for (int64_t v0 = 0; v0 < V; v0 += CHUNK) {
+          const int64_t len = std::min(CHUNK, V - v0);
+          for (int64_t k = 0; k < K; ++k) {
+            rows.load(row, k, v0, len, len, &z[k * CHUNK]);
+            for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] -= lse[k];
+          }
+          log_mean_prob(z.data(), K, len, lpbar.data());
+          for (int64_t k = 0; k < K; ++k) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < len; ++i) {
+              const float lp = z[k * CHUNK + i], p = fast_exp(lp);
+              acc += p == 0.0f ? 0.0f : p * (lp - lpbar[i]);
+            }
+            stat[k] += acc;
+          }
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) stat[k] = A[k] / S[k];
+      }
+      float div = 0.0f, ce = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        div += stat[k];
+        lse_out[k * N + n] = lse[k];
+        stat_out[k * N + n] = stat[k];
+        if (c.has_ce) {
+          const float zy = static_cast<float>(row[k * rows.stride_k + y * rows.stride_v]);
+          ce += smooth ? lse[k] - (1.0f - c.eps) * zy - (c.eps / static_cast<float>(V)) * zsum[k] : lse[k] - zy;
+        }
+      }
+      div_row[n] = div / static_cast<float>(K);
+      ce_row[n] = c.has_ce ? ce / static_cast<float>(K) : 0.0f;
+    }
+  });
+}
+
+template <typename T>
+void backward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* target, const Config& c,
+                   const float* lse, const float* stat, const float* g_ce_row, const float* g_div_row,
+                   T* grad, const int64_t* grad_row_off, int64_t grad_stride_k, int64_t grad_stride_v, int64_t N) {
+  const int64_t K = c.K, V = c.V;
+  const float inv_k = 1.0f / static_cast<float>(K);
+  const float smooth_term = c.has_ce ? c.eps / static_cast<float>(V) : 0.0f;
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(K * CHUNK), p(K * CHUNK), zbar(CHUNK), pbar(CHUNK), lpbar(CHUNK), g(CHUNK);
+    for (int64_t n = begin; n < end; ++n) {
+      T* grow = grad + grad_row_off[n];
+      const int64_t y = target[n];
+      if (y < 0) {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t v = 0; v < V; ++v) grow[k * grad_stride_k + v * grad_stride_v] = T(0);
+        continue;
+      }
+      const T* row = rows.data + row_off[n];
+      const float g_div = g_div_row[n] * inv_k;
+      const float g_ce = c.has_ce ? g_ce_row[n] * inv_k : 0.0f;
+      for (int64_t v0 = 0; v0 < V; v0 += CHUNK) {
+        const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
+        // Every read of this chunk happens before any write: safe when grad aliases the logits.
+        for (int64_t k = 0; k < K; ++k) {
+          float* zk = &z[k * CHUNK];
+          float* pk = &p[k * CHUNK];
+          rows.load(row, k, v0, len, padded, zk);
+          const float l = lse[k * N + n];
+          for (int64_t i = 0; i < padded; ++i) pk[i] = fast_exp(zk[i] - l);
+        }
+        if (c.js) {
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] -= lse[k * N + n];  // now log p_k
+          log_mean_prob(z.data(), K, len, lpbar.data());
+        } else {
+          for (int64_t i = 0; i < padded; ++i) zbar[i] = pbar[i] = 0.0f;
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t i = 0; i < padded; ++i) {
+              zbar[i] += z[k * CHUNK + i];
+              pbar[i] += p[k * CHUNK + i];
+            }
+          for (int64_t i = 0; i < padded; ++i) {
+            zbar[i] *= inv_k;
+            pbar[i] *= inv_k;
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const float* zk = &z[k * CHUNK];
+          const float* pk = &p[k * CHUNK];
+          const float s = stat[k * N + n];
+          if (c.js) {
+            // ∂JS/∂z_j = (1/K) p_j ⊙ (r_j − KL_j)
+            for (int64_t i = 0; i < len; ++i)
+              g[i] = g_div * (pk[i] == 0.0f ? 0.0f : pk[i] * (zk[i] - lpbar[i] - s));
+          } else {
+            // ∂X/∂z_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
+            for (int64_t i = 0; i < len; ++i)
+              g[i] = g_div * ((pk[i] == 0.0f ? 0.0f : pk[i] * (zk[i] - zbar[i] - s + 1.0f)) - pbar[i]);
+          }
+          if (c.has_ce) {
+            // ∂CE_k/∂z_k = p_k − (1−ε)·onehot(y) − ε/V
+            for (int64_t i = 0; i < len; ++i) g[i] += g_ce * (pk[i] - smooth_term);
+            if (y >= v0 && y < v0 + len) g[y - v0] -= g_ce * (1.0f - c.eps);
+          }
+          T* dst = grow + k * grad_stride_k + v0 * grad_stride_v;
+          if (grad_stride_v == 1) {
+            for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(g[i]);
+          } else {
+            for (int64_t i = 0; i < len; ++i) dst[i * grad_stride_v] = static_cast<T>(g[i]);
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& row_off, const at::Tensor& target) {
+  TORCH_CHECK(logits.device().is_cpu(), "intradistill cpu kernel: logits must be a CPU tensor");
+  TORCH_CHECK(logits.dim() >= 2, "intradistill cpu kernel: logits must be [K, *B, V]");
+  TORCH_CHECK(row_off.scalar_type() == at::kLong && row_off.is_contiguous(), "row_off must be contiguous int64");
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous(), "target must be contiguous int64");
+  TORCH_CHECK(row_off.numel() == target.numel(), "row_off and target must have N elements");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& logits, const at::Tensor& row_off, const at::Tensor& target, bool js, double eps, bool has_ce) {
+  check_inputs(logits, row_off, target);
+  const int64_t K = logits.size(0), V = logits.size(-1), N = row_off.numel();
+  auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor ce = at::empty({N}, f32), div = at::empty({N}, f32), lse = at::empty({K, N}, f32),
+             stat = at::empty({K, N}, f32);
+  const Config c{K, V, js, has_ce, static_cast<float>(eps)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "intradistill_forward", [&] {
+    Rows<scalar_t> rows{logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(-1)};
+    forward_rows<scalar_t>(rows, row_off.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(), c,
+                           ce.data_ptr<float>(), div.data_ptr<float>(), lse.data_ptr<float>(),
+                           stat.data_ptr<float>(), N);
+  });
+  return {ce, div, lse, stat};
+}
+
+void backward(const at::Tensor& logits, const at::Tensor& row_off, const at::Tensor& target,
+              const at::Tensor& lse, const at::Tensor& stat, const at::Tensor& g_ce, const at::Tensor& g_div,
+              bool js, double eps, bool has_ce, at::Tensor grad, const at::Tensor& grad_row_off) {
+  check_inputs(logits, row_off, target);
+  TORCH_CHECK(grad.scalar_type() == logits.scalar_type() && grad.sizes() == logits.sizes(),
+              "grad must match logits in shape and dtype");
+  for (const at::Tensor* t : {&lse, &stat, &g_ce, &g_div})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "saved statistics must be contiguous float32");
+  const int64_t K = logits.size(0), V = logits.size(-1), N = row_off.numel();
+  const Config c{K, V, js, has_ce, static_cast<float>(eps)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "intradistill_backward", [&] {
+    Rows<scalar_t> rows{logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(-1)};
+    backward_rows<scalar_t>(rows, row_off.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(), c,
+                            lse.const_data_ptr<float>(), stat.const_data_ptr<float>(), g_ce.const_data_ptr<float>(),
+                            g_div.const_data_ptr<float>(), grad.data_ptr<scalar_t>(),
+                            grad_row_off.const_data_ptr<int64_t>(), grad.stride(0), grad.stride(-1), N);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(intradistill_cpp, m) {
+  m.def("forward(Tensor logits, Tensor row_off, Tensor target, bool js, float eps, bool has_ce) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("backward(Tensor logits, Tensor row_off, Tensor target, Tensor lse, Tensor stat, Tensor g_ce, Tensor g_div, bool js, float eps, bool has_ce, Tensor(a!) grad, Tensor grad_row_off) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(intradistill_cpp, CPU, m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+}
