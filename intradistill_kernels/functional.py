@@ -107,11 +107,11 @@ def _check_float(name: str, value, low: float, high: float | None = None) -> Non
 
 def _resolve_backend(backend, logits: Tensor) -> str:
     _check_choice("backend", backend, ("auto",) + BACKENDS)
-    return _pick_backend(backend, str(logits.device), str(logits.dtype).removeprefix("torch."))
+    return _pick_backend(backend, str(logits.device), str(logits.dtype).removeprefix("torch."), int(logits.shape[0]))
 
 
 @torch.compiler.assume_constant_result
-def _pick_backend(backend: str, device: str, dtype_name: str) -> str:
+def _pick_backend(backend: str, device: str, dtype_name: str, k: int) -> str:
     """The backend that runs; a plain function of strings so torch.compile evaluates it once at
     trace time instead of tracing the import machinery behind it."""
     probe = torch.empty(0, dtype=getattr(torch, dtype_name), device=device)
@@ -119,7 +119,7 @@ def _pick_backend(backend: str, device: str, dtype_name: str) -> str:
         if probe.dtype not in _FUSED_DTYPES:
             return "torch"
         for name in ("triton", "cuda") if probe.is_cuda else ("cpu",):
-            if backend_available(name) and backend_impl(name).supports(probe):
+            if backend_available(name) and backend_impl(name).supports(probe) and k <= _max_passes(name):
                 return name
         return "torch"
     if backend == "torch":
@@ -131,7 +131,13 @@ def _pick_backend(backend: str, device: str, dtype_name: str) -> str:
     if not backend_impl(backend).supports(probe):
         hint = " (set TRITON_INTERPRET=1 to run Triton on CPU tensors)" if backend == "triton" else ""
         raise ValueError(f"backend {backend!r} cannot run on {device} tensors{hint}")
+    if k > _max_passes(backend):
+        raise ValueError(f"backend {backend!r} supports at most {_max_passes(backend)} passes, got K = {k}")
     return backend
+
+
+def _max_passes(name: str) -> float:
+    return getattr(backend_impl(name), "max_passes", None) or float("inf")
 
 
 # ----------------------------------------------------------------------------- row computation

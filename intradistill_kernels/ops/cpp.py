@@ -65,15 +65,27 @@ def _compile(kind: str) -> bool:
 
         if CUDA_HOME is None:
             raise RuntimeError("nvcc not found (set CUDA_HOME)")
+        if not _build("cpu"):  # the CPU library defines the operators the CUDA one implements
+            raise RuntimeError(f"the cpu part failed first: {build_error('cpu')}")
         sources = [src / "cuda_binding.cpp", src / "cuda_kernel.cu"]
         flags = ["-O3"]
         name = "intradistill_kernels_cuda"
         extra = {"extra_cuda_cflags": ["-O3", "--use_fast_math", "-lineinfo"]}
-    print(f"intradistill-kernels: building the {kind} extension (first use only, about a minute)...",
-          file=sys.stderr, flush=True)
+    if not _cached(name):
+        print(f"intradistill-kernels: building the {kind} extension (first use only, about a minute)...",
+              file=sys.stderr, flush=True)
     load(name=name, sources=[str(s) for s in sources], extra_cflags=flags, is_python_module=False,
          verbose=False, **extra)
     return True
+
+
+def _cached(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:  # a private helper of torch: only decides whether to print a notice
+        return False
 
 
 def build_error(kind: str) -> str | None:
@@ -91,6 +103,9 @@ class _Backend:
     def supports(self, t: torch.Tensor) -> bool:
         return t.device.type == self.kind
 
+    # The CUDA kernels keep a token's K rows in registers, instantiated up to this many passes.
+    max_passes = None
+
     def forward(self, logits, row_off, target, js, label_smoothing, has_ce):
         return torch.ops.intradistill_cpp.forward(logits, row_off, target, bool(js), float(label_smoothing), bool(has_ce))
 
@@ -101,3 +116,4 @@ class _Backend:
 
 cpu_backend = _Backend("cpu")
 cuda_backend = _Backend("cuda")
+cuda_backend.max_passes = 8  # kMaxPasses in csrc/cuda_kernel.h
