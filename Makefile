@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml setup.py | md5sum | cut -c1-12)
 
-.PHONY: test demo install clean
+.PHONY: test demo bench install clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ $(STAMP):
 
 install: $(STAMP)
 
+demo: $(STAMP)
+	$(PY) -m examples.translation.demo --out runs/demo
+
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --device $(if $(DEVICE),$(DEVICE),cpu)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

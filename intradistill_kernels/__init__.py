@@ -9,11 +9,12 @@ from .functional import (
     x_divergence,
 )
 from .modules import IntraDistillationLoss, XDivergenceLoss
+from .ops.fused_linear import FusedLinearIntraDistillationLoss, fused_linear_intra_distillation_loss
 from .schedule import AdaptiveAlpha
 
 __all__ = [
     "x_divergence", "js_divergence", "intra_distillation_loss", "consistency_mse",
     "XDivergenceLoss", "IntraDistillationLoss", "AdaptiveAlpha", "available_backends",
-    "IntraDistillationOutput",
+    "IntraDistillationOutput", "fused_linear_intra_distillation_loss", "FusedLinearIntraDistillationLoss",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""Sentence-pair data for the translation example.
+
+Offline default (real data shipped by Debian): German->English example sentences of the Ding
+dictionary (package trans-de-en, GPL-2+), fetched at run time with `apt-get download` into a
+cache. For users with a network: IWSLT'14 XX->En as prepared by fairseq's prepare-iwslt14.sh
+(plain-text files), and WMT'17 En->De through the `datasets` library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+IWSLT14_PAIRS = ("ar", "de", "es", "fa", "he", "it", "nl", "pl")  # each XX -> en, as in the paper
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("INTRADISTILL_CACHE", Path.home() / ".cache" / "intradistill_kernels"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fetch_debian_package(name: str, cache: Path | None = None) -> Path:
+    """Downloads and unpacks a Debian package (no install, no root needed for the unpacking);
+    returns the directory it was unpacked into. Cached: a second call does no network access."""
+    target = (cache or cache_dir()) / "debian" / name
+    if (target / ".complete").exists():
+        return target
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise RuntimeError(f"fetching the Debian package {name!r} needs apt-get and dpkg-deb (a Debian-based system)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for attempt in range(2):
+            run = subprocess.run(["apt-get", "download", name], cwd=tmp, capture_output=True, text=True)
+            if run.returncode == 0:
+                break
+            if attempt == 0:  # a fresh machine may have no package lists yet
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+        else:
+            raise RuntimeError(f"apt-get download {name} failed:\n{run.stderr.strip()}")
+        (deb,) = Path(tmp).glob(f"{name}_*.deb")
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
+    (target / ".complete").touch()
+    return target
+
+
+_ANNOTATION = re.compile(r"\s*(\{[^}]*\}|\[[^\]]*\])")
+
+
+def parse_ding(path: Path) -> list[tuple[str, str]]:
+    """Full-sentence pairs from a Ding dictionary file (`de | de :: en | en` lines).
+
+    Alternatives separated by ' | ' are aligned between the two sides; a pair is kept when both
+    sides are sentences (4+ words, final punctuation) without ';'-separated variants. Grammar
+    annotations such as {m} or [geol.] are removed. Sorted and deduplicated: deterministic.
+    """
+    pairs = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#") or " :: " not in line:
+                continue
+            de, en = line.rstrip("\n").split(" :: ", 1)
+            des, ens = de.split(" | "), en.split(" | ")
+            if len(des) != len(ens):
+                continue
+            for d, e in zip(des, ens):
+                d, e = _ANNOTATION.sub("", d).strip(), _ANNOTATION.sub("", e).strip()
+                if ";" in d or ";" in e:
+                    continue
+                if len(d.split()) >= 4 and len(e.split()) >= 4 and d[-1:] in ".!?" and e[-1:] in ".!?":
+                    pairs.add((d, e))
+    return sorted(pairs)
+
+
+def load_trans_de_en(cache: Path | None = None) -> list[tuple[str, str]]:
+    root = fetch_debian_package("trans-de-en", cache)
+    return parse_ding(root / "usr" / "share" / "trans" / "de-en")
+
+
+def load_iwslt14(src: str, data_dir: str | Path) -> dict[str, list[tuple[str, str]]]:
+    """IWSLT'14 {src}->en from the text files of fairseq's examples/translation/prepare-iwslt14.sh
+    (train/valid/test.{src,en}, one sentence a line; that script downloads the IWSLT release).
+    The paper's cleaning is applied later, on subword lengths."""
+    if src not in IWSLT14_PAIRS:
+        raise ValueError(f"IWSLT'14 source language must be one of {IWSLT14_PAIRS}, got {src!r}")
+    root = Path(data_dir)
+    splits = {}
+    for split in ("train", "valid", "test"):
+        s, t = root / f"{split}.{src}", root / f"{split}.en"
+        if not s.exists() or not t.exists():
+            raise FileNotFoundError(f"expected {s} and {t} (run fairseq's prepare-iwslt14.sh for {src}-en)")
+        splits[split] = list(zip(s.read_text(encoding="utf-8").splitlines(), t.read_text(encoding="utf-8").splitlines()))
+    return splits
+
+
+def load_wmt17_en_de() -> dict[str, list[tuple[str, str]]]:
+    """WMT'17 En->De from the Hugging Face hub (newstest2016 as valid, newstest2017 as test)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ImportError("WMT'17 loading needs `pip install datasets` and network access") from e
+    ds = load_dataset("wmt17", "de-en")
+    return {
+        split: [(ex["translation"]["en"], ex["translation"]["de"]) for ex in ds[name]]
+        for split, name in (("train", "train"), ("valid", "validation"), ("test", "test"))
+    }
+
+
+def split_pairs(pairs: list[tuple[str, str]], valid: int, test: int, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
+    """Held-out valid/test splits chosen by a seeded shuffle; no sentence of them is trained on
+    (pairs sharing a source sentence go to the same split)."""
+    by_source: dict[str, list[tuple[str, str]]] = {}
+    for pair in pairs:
+        by_source.setdefault(pair[0], []).append(pair)
+    sources = sorted(by_source)
+    random.Random(seed).shuffle(sources)
+    test_src, valid_src, train_src = sources[:test], sources[test:test + valid], sources[test + valid:]
+    return {
+        name: [p for s in group for p in by_source[s]]
+        for name, group in (("train", train_src), ("valid", valid_src), ("test", test_src))
+    }
+
+
+def clean_pairs(pairs, tokenize, max_len: int = 175, max_ratio: float = 1.5):
+    """The paper's filter (from fairseq's clean-corpus): drop pairs with an empty side, more than
+    max_len subwords on a side, or a length ratio above max_ratio."""
+    kept = []
+    for s, t in pairs:
+        ls, lt = len(tokenize(s)), len(tokenize(t))
+        if 0 < ls <= max_len and 0 < lt <= max_len and max(ls, lt) <= max_ratio * min(ls, lt):
+            kept.append((s, t))
+    return kept
+
+
+def fingerprint(pairs) -> str:
+    h = hashlib.sha1()
+    for s, t in pairs:
+        h.update(s.encode())
+        h.update(b"\t")
+        h.update(t.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:12]

@@ -1,0 +1,52 @@
+"""The translation example runs end to end on a tiny slice of the real offline data."""
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("sentencepiece")
+pytest.importorskip("sacrebleu")
+
+from examples.translation import data, train  # noqa: E402
+
+TINY = ["--preset", "demo", "--max-train-pairs", "600", "--valid-size", "30", "--test-size", "30",
+        "--max-test-pairs", "8", "--vocab-size", "400", "--layers", "1", "--embed-dim", "32",
+        "--ffn-dim", "64", "--heads", "2", "--max-steps", "4", "--eval-every", "2", "--beam", "2",
+        "--max-tokens", "256", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def debian_available():
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("the offline data comes from a Debian package; apt-get is not here")
+
+
+def test_ding_pairs_are_real_sentences(debian_available):
+    pairs = data.load_trans_de_en()
+    assert len(pairs) > 15000
+    assert all(len(d.split()) >= 4 and len(e.split()) >= 4 for d, e in pairs[:500])
+    splits = data.split_pairs(pairs, 300, 300)
+    held_out = {s for s, _ in splits["test"]} | {s for s, _ in splits["valid"]}
+    assert not held_out & {s for s, _ in splits["train"]}
+
+
+@pytest.mark.parametrize("method", ["baseline", "rdrop", "intra-distillation"])
+def test_train_few_steps_writes_reports(debian_available, tmp_path, method):
+    report = train.run(train.parse_args(TINY + ["--method", method, "--out", str(tmp_path)]))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["steps"] == 4 and saved["method"] == method
+    assert saved["passes"] == {"baseline": 1, "rdrop": 2, "intra-distillation": 3}[method]
+    assert 0.0 <= saved["bleu"] <= 100.0 and saved["valid_loss"] > 0
+    assert len(saved["history"]) == 2 and (tmp_path / "valid_loss.png").stat().st_size > 0
+    assert "| " + method in (tmp_path / "report.md").read_text()
+    if method != "baseline":
+        assert saved["history"][-1]["divergence"] > 0
+    model, loss_fn, batches = train.sensitivity_inputs(report["checkpoint"], max_batches=2)
+    assert float(loss_fn(model, batches[0])) > 0
+
+
+def test_inverse_sqrt_schedule():
+    assert train.inverse_sqrt(50, 100) == pytest.approx(0.5)
+    assert train.inverse_sqrt(100, 100) == pytest.approx(1.0)
+    assert train.inverse_sqrt(400, 100) == pytest.approx(0.5)
