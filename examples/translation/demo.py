@@ -14,9 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import intradistill_kernels as idk
 
 from . import train
+
+PRUNE_FRACTIONS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
 
 
 def main(argv=None) -> int:
@@ -60,23 +64,27 @@ def main(argv=None) -> int:
 
 
 def _sensitivity(reports, out: Path) -> list[str]:
-    """The paper's contribution-balance comparison, when the sensitivity toolkit is installed."""
-    try:
-        from intradistill_kernels import sensitivity
-    except ImportError:
-        return []
+    """The paper's contribution-balance comparison: sensitivity std and one-shot pruning curves
+    (validation loss after zeroing the least sensitive parameters)."""
+    from intradistill_kernels import sensitivity
+
     curves, sens, lines = {}, {}, []
     for r in reports:
         model, loss_fn, batches = train.sensitivity_inputs(r["checkpoint"])
         s = sensitivity.parameter_sensitivity(model, loss_fn, batches)
         sens[r["method"]] = s
         balance = sensitivity.contribution_balance(s)
-        lines.append(f"{r['method']}: sensitivity std (top 1% removed) {balance.std:.3e}")
+        lines.append(f"{r['method']}: sensitivity std (top 1% removed) {balance.std:.3e}, "
+                     f"top-20% mean {balance.top20_mean:.3e}, rest mean {balance.rest_mean:.3e}")
 
+        @torch.no_grad()
         def evaluate(m, loss_fn=loss_fn, batches=batches):
+            m.eval()
             return sum(float(loss_fn(m, b)) for b in batches) / len(batches)
 
-        curves[r["method"]] = sensitivity.pruning_curve(model, s, evaluate, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+        curves[r["method"]] = sensitivity.pruning_curve(model, s, evaluate, PRUNE_FRACTIONS)
+        lines.append(f"{r['method']}: validation loss after pruning " + ", ".join(
+            f"{100 * f:.0f}%: {m:.3f}" for f, m in curves[r["method"]]))
     lines.append(f"sensitivity violins: {sensitivity.plot_sensitivity_violins(sens, out / 'sensitivity_violins.png')}")
     lines.append(f"pruning curves: {sensitivity.plot_pruning_curves(curves, out / 'pruning_curves.png')}")
     return lines
