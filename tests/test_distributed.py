@@ -1,0 +1,136 @@
+"""Vocabulary-parallel loss and data-parallel training, in real gloo process groups on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import intradistill_kernels as idk
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+K, N = 3, 6
+CASES = [  # (divergence, label_smoothing, shard sizes: uneven, -inf column on one shard only)
+    ("x", 0.0, [40, 17]),
+    ("jeffrey", 0.1, [9, 30]),
+    ("js", 0.1, [25, 25]),
+    ("x", 0.1, [5, 11, 20, 3]),
+    ("js", 0.0, [12, 1, 30, 7]),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fused_backend() -> str:
+    names = idk.available_backends()
+    return "cpu" if "cpu" in names else "triton"
+
+
+def _case_inputs(i, sizes):
+    g = torch.Generator().manual_seed(100 + i)
+    v = sum(sizes)
+    logits = torch.randn(K, N, v, generator=g) * 2
+    logits[:, :, sizes[0] - 1] = float("-inf")  # a masked class at the end of shard 0
+    target = torch.randint(0, v, (N,), generator=g)
+    target[target == sizes[0] - 1] = 0
+    target[2] = -100
+    weights = torch.rand(N, generator=g) + 0.5
+    return logits, target, weights
+
+
+def _vp_worker(rank, world, port, out_dir):
+    from intradistill_kernels.distributed import vocab_parallel_intra_distillation_loss, vocab_parallel_x_divergence
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = []
+    for i, (divergence, eps, sizes) in enumerate(CASES):
+        if len(sizes) != world:
+            continue
+        logits, target, weights = _case_inputs(i, sizes)
+        start = sum(sizes[:rank])
+        shard = logits[..., start:start + sizes[rank]].clone().requires_grad_()
+        out = vocab_parallel_intra_distillation_loss(shard, target, 0.7, divergence=divergence, label_smoothing=eps,
+                                                     reduction="none", backend=_fused_backend())
+        ((out.loss * weights).sum() + 0.3 * out.ce.sum()).backward()
+        xdiv = vocab_parallel_x_divergence(shard.detach(), target != -100, backend=_fused_backend())
+        results.append((i, out.loss.detach(), shard.grad, xdiv))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_matches_unsharded(world, tmp_path):
+    mp.spawn(_vp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    checked = 0
+    for entries in zip(*per_rank):
+        i = entries[0][0]
+        divergence, eps, sizes = CASES[i]
+        logits, target, weights = _case_inputs(i, sizes)
+        full = logits.double().requires_grad_()
+        out = idk.intra_distillation_loss(full, target, 0.7, divergence=divergence, label_smoothing=eps,
+                                          reduction="none", backend="torch")
+        ((out.loss * weights).sum() + 0.3 * out.ce.sum()).backward()
+        want_x = idk.x_divergence(logits.double(), target != -100, backend="torch")
+        for rank, (_, loss, grad, xdiv) in enumerate(entries):
+            torch.testing.assert_close(loss.double(), out.loss.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(xdiv.double(), want_x, rtol=1e-5, atol=1e-6)
+            start = sum(sizes[:rank])
+            want_grad = full.grad[..., start:start + sizes[rank]]
+            assert torch.isfinite(grad).all()
+            torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+        checked += 1
+    assert checked == sum(len(s) == world for _, _, s in CASES)
+
+
+# --------------------------------------------------------------------------- data parallel
+
+def _model_and_batch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 11))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 8, generator=g)
+    y = torch.randint(0, 11, (8,), generator=g)
+    # Deterministic per-pass perturbations stand in for dropout so that runs are comparable.
+    offsets = torch.randn(K, 1, 8, generator=g) * 0.3
+    return model, x, y, offsets
+
+
+def _id_loss(model, x, y, offsets):
+    logits = model((x.unsqueeze(0) + offsets).flatten(0, 1)).unflatten(0, (K, -1))
+    return idk.intra_distillation_loss(logits, y, 2.0, label_smoothing=0.1).loss
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, x, y, offsets = _model_and_batch()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    per = x.shape[0] // world
+    _id_loss(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], offsets).backward()
+    torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, f"ddp{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_step_matches_single_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model, x, y, offsets = _model_and_batch()
+    _id_loss(model, x, y, offsets).backward()
+    for r in range(2):
+        for got, want in zip(torch.load(tmp_path / f"ddp{r}.pt"), (p.grad for p in model.parameters())):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_requires_process_group():
+    from intradistill_kernels.distributed import vocab_parallel_x_divergence
+
+    with pytest.raises(ValueError, match="process group"):
+        vocab_parallel_x_divergence(torch.randn(2, 3, 5))
