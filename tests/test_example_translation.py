@@ -31,9 +31,28 @@ def test_ding_pairs_are_real_sentences(debian_available):
     assert not held_out & {s for s, _ in splits["train"]}
 
 
-@pytest.mark.parametrize("method", ["baseline", "rdrop", "intra-distillation"])
-def test_train_few_steps_writes_reports(debian_available, tmp_path, method):
-    report = train.run(train.parse_args(TINY + ["--method", method, "--out", str(tmp_path)]))
+def test_bible_verses_are_aligned(debian_available):
+    pairs = data.load_bible_es_en()
+    assert len(pairs) > 30000
+    by_text = dict(pairs)
+    # John 3:16 and Genesis 1:1 in Reina-Valera 1909 map to the same verses of the King James Version
+    es = next(s for s in by_text if s.startswith("Porque de tal manera amó Dios al mundo"))
+    assert by_text[es].startswith("For God so loved the world")
+    assert pairs[0] == ("EN el principio crió Dios los cielos y la tierra.", "In the beginning God created the heaven and the earth.")
+    assert not any("<" in s or "<" in t for s, t in pairs)
+
+
+def test_osis_markup_is_removed():
+    entry = ('<w lemma="strong:H0430">God</w> <transChange type="added">was</transChange> good'
+             '<note type="x-study">a note</note> &amp; \u00b6 <title>Psalm</title>right.')
+    assert data.osis_to_text(entry) == "God was good & right."
+
+
+@pytest.mark.parametrize("method,extra", [("baseline", []), ("rdrop", []), ("intra-distillation", []),
+                                          ("intra-distillation", ["--fused-linear"]),
+                                          ("baseline", ["--data", "bible-es-en"])])
+def test_train_few_steps_writes_reports(debian_available, tmp_path, method, extra):
+    report = train.run(train.parse_args(TINY + ["--method", method, "--out", str(tmp_path)] + extra))
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["steps"] == 4 and saved["method"] == method
     assert saved["passes"] == {"baseline": 1, "rdrop": 2, "intra-distillation": 3}[method]
@@ -43,7 +62,7 @@ def test_train_few_steps_writes_reports(debian_available, tmp_path, method):
     if method != "baseline":
         assert saved["history"][-1]["divergence"] > 0
     model, loss_fn, batches = train.sensitivity_inputs(report["checkpoint"], max_batches=2)
-    assert float(loss_fn(model, batches[0])) > 0
+    assert float(loss_fn(model, batches[0]).detach()) > 0
 
 
 def test_inverse_sqrt_schedule():

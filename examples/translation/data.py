@@ -2,19 +2,23 @@
 
 Offline default (real data shipped by Debian): German->English example sentences of the Ding
 dictionary (package trans-de-en, GPL-2+), fetched at run time with `apt-get download` into a
-cache. For users with a network: IWSLT'14 XX->En as prepared by fairseq's prepare-iwslt14.sh
+cache. Also offline: Spanish->English Bible verses (Reina-Valera 1909 and King James, public
+domain, Debian's sword-text-sparv and sword-text-kjv), aligned by verse. For users with a network: IWSLT'14 XX->En as prepared by fairseq's prepare-iwslt14.sh
 (plain-text files), and WMT'17 En->De through the `datasets` library.
 """
 
 from __future__ import annotations
 
 import hashlib
+import html
 import os
 import random
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 IWSLT14_PAIRS = ("ar", "de", "es", "fa", "he", "it", "nl", "pl")  # each XX -> en, as in the paper
@@ -83,6 +87,65 @@ def parse_ding(path: Path) -> list[tuple[str, str]]:
 def load_trans_de_en(cache: Path | None = None) -> list[tuple[str, str]]:
     root = fetch_debian_package("trans-de-en", cache)
     return parse_ding(root / "usr" / "share" / "trans" / "de-en")
+
+
+_OSIS_DROPPED = re.compile(r"<(note|title)\b[^>]*>.*?</\1>", re.S)  # footnotes, headings: not verse text
+_OSIS_TAG = re.compile(r"<[^>]*>")
+
+
+def read_ztext(module_dir: Path) -> list[str]:
+    """Every entry of a SWORD zText module (zlib-compressed, as Debian ships them), in index order.
+
+    The layout, per testament: .bzv holds one 10-byte record per entry (block number, offset in
+    the uncompressed block, size), .bzs one 12-byte record per block (offset and size in .bzz,
+    uncompressed size), .bzz the zlib blocks. Two modules with the same versification have the
+    same entries at the same indices (headers included), which is what aligns the translations.
+    """
+    entries = []
+    for testament in ("ot", "nt"):
+        bzv = (module_dir / f"{testament}.bzv").read_bytes()
+        bzs = (module_dir / f"{testament}.bzs").read_bytes()
+        bzz = (module_dir / f"{testament}.bzz").read_bytes()
+        blocks: dict[int, bytes] = {}
+        for i in range(len(bzv) // 10):
+            block, offset, size = struct.unpack_from("<IIH", bzv, 10 * i)
+            if size == 0:
+                entries.append("")
+                continue
+            if block not in blocks:
+                start, length, _ = struct.unpack_from("<III", bzs, 12 * block)
+                blocks[block] = zlib.decompress(bzz[start:start + length])
+            entries.append(blocks[block][offset:offset + size].decode("utf-8"))
+    return entries
+
+
+def osis_to_text(entry: str) -> str:
+    text = _OSIS_TAG.sub("", _OSIS_DROPPED.sub("", entry))
+    return " ".join(html.unescape(text).replace("\u00b6", " ").split())
+
+
+def _sword_module(package: str, cache: Path | None) -> Path:
+    root = fetch_debian_package(package, cache) / "usr" / "share" / "sword"
+    confs = sorted((root / "mods.d").glob("*.conf"))
+    if len(confs) != 1:
+        raise RuntimeError(f"expected one SWORD module in {package}, found {[c.name for c in confs]}")
+    conf = dict(line.split("=", 1) for line in confs[0].read_text(encoding="utf-8").splitlines() if "=" in line)
+    if conf.get("ModDrv") != "zText" or conf.get("CompressType") != "ZIP" or conf.get("Versification", "KJV") != "KJV":
+        raise RuntimeError(f"{package}: expected a ZIP-compressed zText module in KJV versification, got {conf}")
+    (module_dir,) = (root / "modules" / "texts" / "ztext").iterdir()
+    return module_dir
+
+
+def load_bible_es_en(cache: Path | None = None) -> list[tuple[str, str]]:
+    """Spanish->English verse pairs: Reina-Valera 1909 (sword-text-sparv) with the King James
+    Version (sword-text-kjv), both in KJV versification, so entry i of one is entry i of the
+    other. Verses empty on either side (headers, verses a translation merges) are dropped."""
+    es = read_ztext(_sword_module("sword-text-sparv", cache))
+    en = read_ztext(_sword_module("sword-text-kjv", cache))
+    if len(es) != len(en):
+        raise RuntimeError(f"the two Bible modules are not aligned ({len(es)} vs {len(en)} entries)")
+    pairs = [(osis_to_text(s), osis_to_text(t)) for s, t in zip(es, en)]
+    return [(s, t) for s, t in pairs if len(s.split()) >= 2 and len(t.split()) >= 2]
 
 
 def load_iwslt14(src: str, data_dir: str | Path) -> dict[str, list[tuple[str, str]]]:

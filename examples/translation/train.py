@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from intradistill_kernels import AdaptiveAlpha, intra_distillation_loss
+from intradistill_kernels import AdaptiveAlpha, fused_linear_intra_distillation_loss, intra_distillation_loss
 
 from . import data as data_lib
 from .model import ModelConfig, Seq2SeqTransformer
@@ -51,8 +51,9 @@ METHODS = ("baseline", "rdrop", "intra-distillation")
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    ap.add_argument("--data", choices=("trans-de-en", "iwslt14", "wmt17"), default="trans-de-en",
-                    help="trans-de-en: real German->English sentence pairs from Debian's trans-de-en (offline)")
+    ap.add_argument("--data", choices=("trans-de-en", "bible-es-en", "iwslt14", "wmt17"), default="trans-de-en",
+                    help="offline: trans-de-en (German->English dictionary sentences) or bible-es-en "
+                         "(Spanish->English verses), both real data from Debian packages")
     ap.add_argument("--src", default="de", help="IWSLT'14 source language (to English)")
     ap.add_argument("--data-dir", help="directory of prepare-iwslt14.sh's train/valid/test.{src,en}")
     ap.add_argument("--method", choices=METHODS, default="intra-distillation")
@@ -95,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_splits(args):
     if args.data == "trans-de-en":
         return data_lib.split_pairs(data_lib.load_trans_de_en(), args.valid_size, args.test_size, seed=0), False
+    if args.data == "bible-es-en":
+        return data_lib.split_pairs(data_lib.load_bible_es_en(), args.valid_size, args.test_size, seed=0), True
     if args.data == "iwslt14":
         if not args.data_dir:
             raise SystemExit("--data iwslt14 needs --data-dir (output of fairseq's prepare-iwslt14.sh)")
@@ -170,10 +173,6 @@ def training_loss(model, batch, args, alpha: float, pad: int):
     kwargs = dict(divergence=args.divergence, label_smoothing=args.label_smoothing, ignore_index=pad,
                   backend=args.backend)
     if args.fused_linear:
-        try:
-            from intradistill_kernels import fused_linear_intra_distillation_loss
-        except ImportError as e:
-            raise SystemExit("--fused-linear needs intradistill_kernels.fused_linear_intra_distillation_loss") from e
         inner = model.module if hasattr(model, "module") else model
         hidden = inner.hidden(src.repeat(k, 1), t_in.repeat(k, 1)).unflatten(0, (k, -1))
         out = fused_linear_intra_distillation_loss(hidden, inner.output_weight, t_out, None, alpha, **kwargs)
@@ -289,11 +288,11 @@ def run(args) -> dict:
             batch = collate(train, idx, pad, bos, args.device)
             alpha = alpha_fn(step) if args.method != "baseline" else 0.0
             loss, ce, div = training_loss(model, batch, args, alpha, pad)
-            ce, div = ce.detach(), div.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            loss, ce, div = loss.detach(), ce.detach(), div.detach()
             step += 1
             tokens_seen += int(batch[2].ne(pad).sum())
             bar.update(1)
