@@ -5,7 +5,7 @@
 
 Unfused: logits = hidden @ weight.T, then intra_distillation_loss (fused kernel), backward.
 Fused: fused_linear_intra_distillation_loss, backward. Each variant runs in a fresh process; the
-peak is the rise of the process's resident high-water mark (CPU) or of the CUDA allocator's peak
+peak is the rise of the process's resident high-water mark above its RSS with the inputs (CPU) or of the CUDA allocator's peak
 above the inputs (GPU), so both include everything each path allocates. Writes
 fused_linear_memory.md into benchmarks/results/<device>-<date>/.
 """
@@ -22,9 +22,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 PROBE = r"""
-import gc, json, resource, sys, time, torch
+import gc, json, sys, time, torch
 sys.path.insert(0, {root!r})
 import intradistill_kernels as idk
+from benchmarks.run import peak_rss, reset_peak_rss
 k, n, h, v, device, dtype, variant = {k}, {n}, {h}, {v}, {device!r}, getattr(torch, {dtype!r}), {variant!r}
 def make(n):
     g = torch.Generator().manual_seed(0)
@@ -45,14 +46,14 @@ gc.collect()
 if device == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
 else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = reset_peak_rss()
 t = time.perf_counter()
 loss = step(*inputs)
 if device == "cuda":
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
 else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = peak_rss() - base
 print(json.dumps({{"variant": variant, "peak_bytes": peak, "seconds": time.perf_counter() - t, "loss": loss,
                   "backend": idk.available_backends()}}))
 """

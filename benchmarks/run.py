@@ -121,7 +121,7 @@ def copy_bandwidth(logits, device, reps) -> float:
 # --------------------------------------------------------------------------- memory
 
 _MEMORY_PROBE = r"""
-import resource, sys, torch, json
+import sys, torch, json
 sys.path.insert(0, {root!r})
 from benchmarks import contenders as C, run as R
 k, n, v, dtype, name = {k}, {n}, {v}, getattr(torch, {dtype!r}), {name!r}
@@ -130,16 +130,37 @@ small = R.make_inputs(k, 8, 64, dtype, "cpu")
 R.mode_callables(fn, *small, "forward+backward")()  # loads libraries and extensions, tiny peak
 logits, target = R.make_inputs(k, n, v, dtype, "cpu")
 import gc; gc.collect()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = R.reset_peak_rss()
 R.mode_callables(fn, logits, target, "forward+backward")()
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024))
+print(json.dumps(R.peak_rss() - base))
 """
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Resets this process's resident high-water mark to its current RSS (Linux clear_refs) and
+    returns that RSS. (getrusage's ru_maxrss cannot be used: it survives exec, so a child
+    started by a large parent inherits the parent's peak.)"""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def peak_rss() -> int:
+    return _status_bytes("VmHWM")
 
 
 def peak_extra_bytes(name, k, n, v, dtype, device, fn, logits, target) -> float | None:
     """Peak memory of forward+backward beyond the inputs. GPU: the allocator's peak. CPU: the rise
-    of the process's resident high-water mark, in a fresh subprocess per contender (the CPU
-    allocator keeps no peak; a fresh process makes the high-water mark this contender's own)."""
+    of the resident high-water mark above the RSS with the inputs in place, in a fresh subprocess
+    per contender (the CPU allocator keeps no peak)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
