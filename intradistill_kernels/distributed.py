@@ -16,6 +16,10 @@ The backward needs no communication: the fused backward kernel run on a shard wi
 lse and s gives exactly that shard's divergence gradient; the cross-entropy gradient
 (p − (1−ε)·onehot − ε/V) uses the global V and is added in torch (one extra pass over the shard,
 as is the row sum when label smoothing is on).
+
+backend="torch" (also what "auto" falls back to where no fused backend takes the tensors, e.g.
+float64) computes the same shard statistics and gradients in eager torch, with the same
+communication.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def _shard_range(v_local: int, group) -> tuple[int, int, int]:  # (v_start, v_to
 
 def _local_js_pieces(z: Tensor, lse: Tensor, active: Tensor) -> Tensor:
     """Σ_v over this shard of p_k (log p_k − log p̄) with the global lse: [K, N]."""
-    logp = z.float() - lse[..., None]
+    logp = z.to(lse.dtype) - lse[..., None]
     dead = (logp == float("-inf")).all(0)
     mx = torch.where(dead, torch.zeros((), device=z.device), logp.max(0).values)
     lpbar = mx + torch.log(torch.exp(logp - mx).sum(0) / z.shape[0])
@@ -55,10 +59,48 @@ def _local_js_pieces(z: Tensor, lse: Tensor, active: Tensor) -> Tensor:
     return torch.where(active, (p * diff).sum(-1), torch.zeros((), device=z.device))
 
 
+def _masked_mul(p: Tensor, x: Tensor) -> Tensor:
+    """p·x with 0 where p is 0: a class at -inf (in every pass) contributes nothing, not NaN."""
+    return torch.where(p != 0, p * x, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+class _TorchShard:
+    """Eager stand-in for a fused backend on one shard (the two calls _VocabParallelRows makes)."""
+
+    @staticmethod
+    def forward(logits, off, row_target, js, eps, has_ce):
+        k, v = logits.shape[0], logits.shape[-1]
+        z = logits.reshape(k, -1, v).to(torch.promote_types(logits.dtype, torch.float32))
+        lse_r = torch.logsumexp(z, -1)
+        p_hat = torch.exp(z - lse_r[..., None])
+        s_r = _masked_mul(p_hat, z - z.mean(0)).sum(-1)
+        return None, None, lse_r, s_r
+
+    @staticmethod
+    def backward(logits, off, row_target, lse, stat, g_ce, g_div, js, eps, has_ce, grad, grad_off):
+        k, v = logits.shape[0], logits.shape[-1]
+        z = logits.reshape(k, -1, v).to(lse.dtype)
+        logp = z - lse[..., None]
+        p = logp.exp()
+        if js:
+            # d/dz_j of (1/K) Σ_k KL(p_k ‖ p̄) = (1/K) p_j (log p_j − log p̄ − KL_j)
+            lpbar = torch.logsumexp(logp, 0) - torch.log(torch.tensor(float(k), dtype=lse.dtype))
+            d = _masked_mul(p, logp - lpbar - stat[..., None])
+        else:
+            # d/dz_j of (1/K) Σ_k s_k = (1/K) [p_j (z_j − z̄ − s_j) + p_j − p̄]
+            d = _masked_mul(p, z - z.mean(0) - stat[..., None]) + p - p.mean(0)
+        w = torch.where(row_target >= 0, g_div.to(lse.dtype), torch.zeros((), dtype=lse.dtype)) / k
+        grad.copy_((d * w[None, :, None]).view(grad.shape))
+
+
+def _shard_impl(name: str):
+    return _TorchShard if name == "torch" else backend_impl(name)
+
+
 class _VocabParallelRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, active, divergence, eps, has_ce, backend, group, v_start, v_total):
-        impl = backend_impl(backend)
+        impl = _shard_impl(backend)
         k, v_local = logits.shape[0], logits.shape[-1]
         z = logits.reshape(k, -1, v_local)
         off = row_offsets(logits)
@@ -74,9 +116,9 @@ class _VocabParallelRows(torch.autograd.Function):
             y_local = target - v_start
             owned = active & (y_local >= 0) & (y_local < v_local)
             idx = torch.where(owned, y_local, torch.zeros_like(y_local))
-            z_y = torch.gather(z, 2, idx.view(1, -1, 1).expand(k, -1, 1)).squeeze(2).float()
+            z_y = torch.gather(z, 2, idx.view(1, -1, 1).expand(k, -1, 1)).squeeze(2).to(lse_r.dtype)
             pieces.append(torch.where(owned, z_y, torch.zeros_like(z_y)))
-            pieces.append(z.float().sum(-1) if eps > 0 else torch.zeros_like(w))
+            pieces.append(z.to(lse_r.dtype).sum(-1) if eps > 0 else torch.zeros_like(w))
         stacked = torch.stack(pieces)
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
         S = stacked[0]
@@ -106,17 +148,17 @@ class _VocabParallelRows(torch.autograd.Function):
         logits, target, active, lse, stat = ctx.saved_tensors
         divergence, eps, has_ce, backend, v_start, v_total = ctx.config
         k, v_local = logits.shape[0], logits.shape[-1]
-        g_div = torch.zeros_like(lse[0]) if g_div is None else g_div.float()
+        g_div = torch.zeros_like(lse[0]) if g_div is None else g_div.to(lse.dtype)
         if divergence == "jeffrey":
             g_div = g_div * (k / (k - 1))
         row_target = torch.where(active, torch.zeros_like(target), torch.full_like(target, -1))
         grad = torch.empty_like(logits)
         off = row_offsets(logits)
-        backend_impl(backend).backward(logits, off, row_target, lse, stat, torch.zeros_like(g_div),
+        _shard_impl(backend).backward(logits, off, row_target, lse, stat, torch.zeros_like(g_div),
                                        g_div.contiguous(), divergence == "js", 0.0, False, grad, row_offsets(grad))
         if has_ce and g_ce is not None:
-            z = logits.reshape(k, -1, v_local).float()
-            w = torch.where(active, g_ce.float(), torch.zeros((), device=z.device)) / k
+            z = logits.reshape(k, -1, v_local).to(lse.dtype)
+            w = torch.where(active, g_ce.to(lse.dtype), torch.zeros((), device=z.device)) / k
             d = (torch.exp(z - lse[..., None]) - eps / v_total) * w[None, :, None]
             y_local = target - v_start
             owned = active & (y_local >= 0) & (y_local < v_local)
@@ -128,11 +170,7 @@ class _VocabParallelRows(torch.autograd.Function):
 
 def _resolve(logits, backend):
     F._check_choice("backend", backend, ("auto",) + F.BACKENDS)
-    name = F._resolve_backend(backend, logits)
-    if name == "torch":
-        raise ValueError("the vocabulary-parallel loss runs on a fused backend (triton, cuda or cpu); "
-                         f"none is available for {logits.device} {logits.dtype} tensors here: {F.available_backends()}")
-    return name
+    return F._resolve_backend(backend, logits)
 
 
 def vocab_parallel_intra_distillation_loss(

@@ -57,12 +57,23 @@ def _vp_worker(rank, world, port, out_dir):
             continue
         logits, target, weights = _case_inputs(i, sizes)
         start = sum(sizes[:rank])
-        shard = logits[..., start:start + sizes[rank]].clone().requires_grad_()
-        out = vocab_parallel_intra_distillation_loss(shard, target, 0.7, divergence=divergence, label_smoothing=eps,
-                                                     reduction="none", backend=_fused_backend())
-        ((out.loss * weights).sum() + 0.3 * out.ce.sum()).backward()
-        xdiv = vocab_parallel_x_divergence(shard.detach(), target != -100, backend=_fused_backend())
-        results.append((i, out.loss.detach(), shard.grad, xdiv))
+        # The fused backend in float32 and the eager shard path in float64 (what "auto" takes for it).
+        for backend, dtype in ((_fused_backend(), torch.float32), ("auto", torch.float64)):
+            shard = logits[..., start:start + sizes[rank]].to(dtype).clone().requires_grad_()
+            out = vocab_parallel_intra_distillation_loss(shard, target, 0.7, divergence=divergence,
+                                                         label_smoothing=eps, reduction="none", backend=backend)
+            ((out.loss * weights).sum() + 0.3 * out.ce.sum()).backward()
+            reduced = [vocab_parallel_intra_distillation_loss(shard.detach(), target, 0.7, divergence=divergence,
+                                                              label_smoothing=eps, reduction=r, backend=backend).loss
+                       for r in ("mean", "sum")]
+            xdiv = vocab_parallel_x_divergence(shard.detach(), target != -100, backend=backend)
+            # A NaN logit on the last shard only must poison its row on every rank, and nothing else.
+            poisoned = logits.clone()
+            poisoned[1, 4, -1] = float("nan")
+            nan_loss = vocab_parallel_intra_distillation_loss(
+                poisoned[..., start:start + sizes[rank]].to(dtype), target, 0.7, divergence=divergence,
+                label_smoothing=eps, reduction="none", backend=backend).loss
+            results.append((i, dtype, out.loss.detach(), shard.grad, reduced, xdiv, nan_loss))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -73,23 +84,34 @@ def test_vocab_parallel_matches_unsharded(world, tmp_path):
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     checked = 0
     for entries in zip(*per_rank):
-        i = entries[0][0]
+        i, dtype = entries[0][:2]
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+        grad_tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else tol
         divergence, eps, sizes = CASES[i]
         logits, target, weights = _case_inputs(i, sizes)
         full = logits.double().requires_grad_()
         out = idk.intra_distillation_loss(full, target, 0.7, divergence=divergence, label_smoothing=eps,
                                           reduction="none", backend="torch")
         ((out.loss * weights).sum() + 0.3 * out.ce.sum()).backward()
+        want_reduced = [idk.intra_distillation_loss(logits.double(), target, 0.7, divergence=divergence,
+                                                    label_smoothing=eps, reduction=r, backend="torch").loss
+                        for r in ("mean", "sum")]
         want_x = idk.x_divergence(logits.double(), target != -100, backend="torch")
-        for rank, (_, loss, grad, xdiv) in enumerate(entries):
-            torch.testing.assert_close(loss.double(), out.loss.detach(), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(xdiv.double(), want_x, rtol=1e-5, atol=1e-6)
+        for rank, (_, _, loss, grad, reduced, xdiv, nan_loss) in enumerate(entries):
+            assert loss.dtype == dtype and grad.dtype == dtype
+            torch.testing.assert_close(loss.double(), out.loss.detach(), **tol)
+            for got, want in zip(reduced, want_reduced):
+                torch.testing.assert_close(got.double(), want, **tol)
+            torch.testing.assert_close(xdiv.double(), want_x, **tol)
             start = sum(sizes[:rank])
             want_grad = full.grad[..., start:start + sizes[rank]]
             assert torch.isfinite(grad).all()
-            torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(grad.double(), want_grad, **grad_tol)
+            assert torch.isnan(nan_loss[4])
+            keep = torch.arange(N) != 4
+            torch.testing.assert_close(nan_loss[keep].double(), out.loss.detach()[keep], **tol)
         checked += 1
-    assert checked == sum(len(s) == world for _, _, s in CASES)
+    assert checked == 2 * sum(len(s) == world for _, _, s in CASES)
 
 
 # --------------------------------------------------------------------------- data parallel
