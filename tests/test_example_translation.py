@@ -69,3 +69,19 @@ def test_inverse_sqrt_schedule():
     assert train.inverse_sqrt(50, 100) == pytest.approx(0.5)
     assert train.inverse_sqrt(100, 100) == pytest.approx(1.0)
     assert train.inverse_sqrt(400, 100) == pytest.approx(0.5)
+
+
+def test_torchrun_two_ranks(debian_available, tmp_path):
+    """DistributedDataParallel on two CPU processes (gloo), through the fused-linear path, which
+    must run inside DDP's forward for the gradients to be synchronised."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "examples.translation.train",
+           *TINY, "--method", "intra-distillation", "--fused-linear", "--threads", "1", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["steps"] == 4 and saved["history"][-1]["divergence"] > 0

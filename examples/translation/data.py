@@ -9,6 +9,7 @@ domain, Debian's sword-text-sparv and sword-text-kjv), aligned by verse. For use
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import os
@@ -84,9 +85,10 @@ def parse_ding(path: Path) -> list[tuple[str, str]]:
     return sorted(pairs)
 
 
-def load_trans_de_en(cache: Path | None = None) -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=2)  # parsing takes seconds; a process (tests, sensitivity) reads it often
+def load_trans_de_en(cache: Path | None = None) -> tuple[tuple[str, str], ...]:
     root = fetch_debian_package("trans-de-en", cache)
-    return parse_ding(root / "usr" / "share" / "trans" / "de-en")
+    return tuple(parse_ding(root / "usr" / "share" / "trans" / "de-en"))
 
 
 _OSIS_DROPPED = re.compile(r"<(note|title)\b[^>]*>.*?</\1>", re.S)  # footnotes, headings: not verse text
@@ -136,7 +138,8 @@ def _sword_module(package: str, cache: Path | None) -> Path:
     return module_dir
 
 
-def load_bible_es_en(cache: Path | None = None) -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=2)
+def load_bible_es_en(cache: Path | None = None) -> tuple[tuple[str, str], ...]:
     """Spanish->English verse pairs: Reina-Valera 1909 (sword-text-sparv) with the King James
     Version (sword-text-kjv), both in KJV versification, so entry i of one is entry i of the
     other. Verses empty on either side (headers, verses a translation merges) are dropped."""
@@ -145,7 +148,7 @@ def load_bible_es_en(cache: Path | None = None) -> list[tuple[str, str]]:
     if len(es) != len(en):
         raise RuntimeError(f"the two Bible modules are not aligned ({len(es)} vs {len(en)} entries)")
     pairs = [(osis_to_text(s), osis_to_text(t)) for s, t in zip(es, en)]
-    return [(s, t) for s, t in pairs if len(s.split()) >= 2 and len(t.split()) >= 2]
+    return tuple((s, t) for s, t in pairs if len(s.split()) >= 2 and len(t.split()) >= 2)
 
 
 def load_iwslt14(src: str, data_dir: str | Path) -> dict[str, list[tuple[str, str]]]:

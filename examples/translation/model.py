@@ -84,8 +84,11 @@ class Seq2SeqTransformer(nn.Module):
         memory, pad = self.encode(src)
         return self.decode_hidden(memory, pad, tgt_in)
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        return self.hidden(src, tgt_in) @ self.output_weight.T
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        # return_hidden lets a DistributedDataParallel wrapper run the fused-linear path: DDP syncs
+        # gradients only for computations that went through its own forward.
+        h = self.hidden(src, tgt_in)
+        return h if return_hidden else h @ self.output_weight.T
 
     @torch.no_grad()
     def beam_search(self, src: torch.Tensor, beam: int = 5, max_len_a: float = 1.2, max_len_b: int = 10,

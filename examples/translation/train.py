@@ -12,6 +12,7 @@ ignore_index. See examples/translation/README.md for the paper's full recipes.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -174,7 +175,7 @@ def training_loss(model, batch, args, alpha: float, pad: int):
                   backend=args.backend)
     if args.fused_linear:
         inner = model.module if hasattr(model, "module") else model
-        hidden = inner.hidden(src.repeat(k, 1), t_in.repeat(k, 1)).unflatten(0, (k, -1))
+        hidden = model(src.repeat(k, 1), t_in.repeat(k, 1), return_hidden=True).unflatten(0, (k, -1))
         out = fused_linear_intra_distillation_loss(hidden, inner.output_weight, t_out, None, alpha, **kwargs)
     else:
         logits = model(src.repeat(k, 1), t_in.repeat(k, 1)).unflatten(0, (k, -1))  # [K, B, T, V]
@@ -239,7 +240,9 @@ def run(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
-        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        # Long timeout: the other ranks wait at a barrier while rank 0 runs beam search on the test set.
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                             timeout=datetime.timedelta(hours=3))
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(args.device)
@@ -258,7 +261,11 @@ def run(args) -> dict:
     if args.max_test_pairs:
         splits["test"] = splits["test"][: args.max_test_pairs]
     spm_prefix = data_lib.cache_dir() / "spm" / f"{args.data}-{data_lib.fingerprint(splits['train'])}-{args.vocab_size}"
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 trains the tokenizer; the others load its file
     sp = train_tokenizer(splits["train"], args.vocab_size, spm_prefix)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     if clean:
         splits["train"] = data_lib.clean_pairs(splits["train"], sp.encode)
     pad, bos, eos = sp.pad_id(), sp.bos_id(), sp.eos_id()
@@ -307,7 +314,7 @@ def run(args) -> dict:
     bar.close()
     train_time = time.perf_counter() - start
     if not main_proc:
-        torch.distributed.destroy_process_group()
+        _finish_distributed()
         return {}
 
     checkpoint = out_dir / "checkpoint.pt"
@@ -333,8 +340,15 @@ def run(args) -> dict:
     (out_dir / "report.md").write_text(markdown_report([report]))
     plot_validation([report], out_dir / "valid_loss.png")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        _finish_distributed()
     return report
+
+
+def _finish_distributed():
+    # Every rank tears down together: a rank leaving while rank 0 still evaluates made gloo's
+    # shutdown hang now and then.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def markdown_report(reports) -> str:
