@@ -57,6 +57,20 @@ __device__ __forceinline__ void load_group(const T* row, int64_t v, int64_t V, i
   }
 }
 
+// Classes [v, v + W) of all passes; passes K..KT-1 (compile-time padding) read as -inf.
+template <typename T, int KT, bool VEC>
+__device__ __forceinline__ void load_passes(const T* row, const RowsArgs& a, int64_t v, int K, float (&z)[KT][Group<T>::W]) {
+#pragma unroll
+  for (int k = 0; k < KT; ++k) {
+    if (k < K) {
+      load_group<T, VEC>(row + k * a.stride_k, v, a.V, a.stride_v, z[k]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < Group<T>::W; ++j) z[k][j] = kNegInf;
+    }
+  }
+}
+
 template <typename T, bool VEC>
 __device__ __forceinline__ void store_group(T* row, int64_t v, int64_t V, int64_t stride_v, const float* in) {
   constexpr int W = Group<T>::W;
@@ -136,15 +150,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RowsArgs a, float* ce
   for (int k = 0; k < KT; ++k) m[k] = kNegInf, S[k] = A[k] = zs[k] = 0.0f;
 
   for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
-#pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      if (k < K) {
-        load_group<T, VEC>(row + k * a.stride_k, v, V, a.stride_v, z[k]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < W; ++j) z[k][j] = kNegInf;
-      }
-    }
+    load_passes<T, KT, VEC>(row, a, v, K, z);
     float zbar[W];
 #pragma unroll
     for (int j = 0; j < W; ++j) {
@@ -203,17 +209,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RowsArgs a, float* ce
 #pragma unroll
     for (int k = 0; k < KT; ++k) kl[k] = 0.0f;
     for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
+      load_passes<T, KT, VEC>(row, a, v, K, z);
 #pragma unroll
-      for (int k = 0; k < KT; ++k) {
-        if (k < K) {
-          load_group<T, VEC>(row + k * a.stride_k, v, V, a.stride_v, z[k]);
-        } else {
-#pragma unroll
-          for (int j = 0; j < W; ++j) z[k][j] = kNegInf;
-        }
+      for (int k = 0; k < KT; ++k)
 #pragma unroll
         for (int j = 0; j < W; ++j) z[k][j] -= lse[k];
-      }
       float lpbar[W];
       log_mean_prob<KT, W>(z, K, lpbar);
 #pragma unroll
@@ -276,17 +276,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(RowsArgs a, const fl
   float z[KT][W], p[KT][W];
   for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
     // All K passes of the group are read before any is written: safe when grad aliases logits.
+    load_passes<T, KT, VEC>(row, a, v, K, z);
 #pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      if (k < K) {
-        load_group<T, VEC>(row + k * a.stride_k, v, V, a.stride_v, z[k]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < W; ++j) z[k][j] = kNegInf;
-      }
+    for (int k = 0; k < KT; ++k)
 #pragma unroll
       for (int j = 0; j < W; ++j) p[k][j] = __expf(z[k][j] - lse[k]);
-    }
     float aux[W], pbar[W];
     if (a.js) {
 #pragma unroll
