@@ -390,6 +390,7 @@ def sensitivity_inputs(checkpoint_path, max_batches: int = 20):
     sp = spm.SentencePieceProcessor(model_file=ckpt["spm"])
     model = Seq2SeqTransformer(ModelConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
+    model.eval()
     splits, _ = load_splits(args)
     valid = encode_pairs(sp, splits["valid"], sp.eos_id())
     pad, bos = sp.pad_id(), sp.bos_id()
