@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import numbers
+import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -372,7 +373,12 @@ def plot_sensitivity_violins(sensitivities: dict[str, Sensitivity], path, exclud
             raise ValueError(f"sensitivities[{label!r}] has no positive value to plot")
         data.append(torch.log10(v[:: max(1, v.numel() // max_points)]).numpy())
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(data), 4))
-    ax.violinplot(data, showmedians=True)
+    ax.violinplot(data, showmedians=True, showextrema=False)
+    # a handful of near-zero sensitivities would stretch the axis over ten decades and squash the
+    # bodies; the lowest 0.1% fall below the visible range (the violins are still computed on all)
+    low = min(float(torch.quantile(torch.from_numpy(d[:: max(1, d.size // 1_000_000)]).double(), 0.001)) for d in data)
+    high = max(float(d.max()) for d in data)
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     ax.set_xticks(range(1, len(data) + 1))
     ax.set_xticklabels(list(sensitivities))
     ax.set_ylabel(f"log10 sensitivity |θ·∇θL| (top {100 * exclude_top:g}% removed)")
@@ -446,6 +452,17 @@ def _labels(checkpoints: list[str], given: list[str] | None) -> list[str]:
     return labels
 
 
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() is often empty there
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
+
+
 def _mean_loss(loss_fn, batches):
     @torch.no_grad()
     def evaluate(model):
@@ -496,8 +513,7 @@ def main(argv=None) -> dict:
     plots = [plot_sensitivity_violins(sens, out / "sensitivity_violins.png"),
              plot_pruning_curves(curves, out / "pruning_curves.png",
                                  ylabel="mean loss" if len(loaded) == 3 else "metric")]
-    summary = {"machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'}), "
-                          f"torch {torch.__version__}",
+    summary = {"machine": _machine(),
                "loader": args.loader, "fractions": args.fractions, "models": models,
                "plots": [str(p) for p in plots]}
     (out / "sensitivity.json").write_text(json.dumps(summary, indent=2))

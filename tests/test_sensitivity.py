@@ -203,7 +203,7 @@ def test_pruning_curve_and_plots(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def evaluate(m):
-        return float(_mse(m, batches[0]))
+        return float(_mse(m, batches[0]).detach())
     curve = S.pruning_curve(model, sens, evaluate, [0.0, 0.4, 1.0])
     assert [f for f, _ in curve] == [0.0, 0.4, 1.0]
     assert curve[0][1] == pytest.approx(evaluate(model))
