@@ -13,6 +13,7 @@ $(STAMP):
 	# torch pinned first: the CPU build on local disk (a bare `torch` pulls a multi-GB CUDA build).
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements/test.txt
+	$(PIP) install --no-deps -r requirements/no-deps.txt
 	$(PIP) install --no-build-isolation --no-deps -e .
 	# Compile the C++ extension now rather than inside the first test (it is cached afterwards).
 	$(PY) -c "from intradistill_kernels.ops import cpp; ok = cpp.cpu_backend.is_available(); print('C++ cpu backend:', 'built' if ok else cpp.build_error('cpu'))"
