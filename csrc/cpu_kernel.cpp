@@ -21,6 +21,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace {
 
 constexpr int64_t CHUNK = 512;
@@ -297,6 +301,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   return {ce, div, lse, stat};
 }
 
+// A fresh gradient buffer as large as the logits comes straight from mmap, and faulting it in
+// 4 KiB pages on the first write costs more than the kernel itself (196 MB: 103 -> 46 ms on a
+// 2-core EPYC). Transparent huge pages cut the faults 512-fold, so ask for them before the
+// kernel touches the buffer. Only advice: nothing changes where THP is off or already touched.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.storage().nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
 void backward(const at::Tensor& logits, const at::Tensor& row_off, const at::Tensor& target,
               const at::Tensor& lse, const at::Tensor& stat, const at::Tensor& g_ce, const at::Tensor& g_div,
               bool js, double eps, bool has_ce, at::Tensor grad, const at::Tensor& grad_row_off) {
@@ -307,6 +324,7 @@ void backward(const at::Tensor& logits, const at::Tensor& row_off, const at::Ten
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "saved statistics must be contiguous float32");
   const int64_t K = logits.size(0), V = logits.size(-1), N = row_off.numel();
   const Config c{K, V, js, has_ce, static_cast<float>(eps)};
+  if (grad.storage().data() != logits.storage().data()) advise_huge_pages(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "intradistill_backward", [&] {
     Rows<scalar_t> rows{logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(-1)};
     backward_rows<scalar_t>(rows, row_off.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(), c,
