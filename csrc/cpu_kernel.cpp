@@ -89,16 +89,53 @@ inline float lane_sum(const float* acc) {
   return s;
 }
 
+// log(x) with ~1 ulp error for x > 0, vectorisable: x = 2^e * m with m in [sqrt(1/2), sqrt(2)),
+// log(m) by the Cephes polynomial. log(0) = -inf, log(inf) = inf, NaN stays NaN. Subnormal
+// inputs are not handled (the one caller passes values in [1/K, 1] or 0).
+inline float fast_log(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const bool low = m < 0.707106781186547524f;
+  e -= low ? 1 : 0;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += fe * -2.12194440e-4f;
+  y += -0.5f * z;
+  float out = m + y + fe * 0.693359375f;
+  out = x == 0.0f ? NEG_INF : out;
+  out = x == std::numeric_limits<float>::infinity() ? x : out;
+  return x != x ? x : out;
+}
+
 // log p̄ per class from the K log-probability rows (classes at -inf in every pass give -inf).
-inline void log_mean_prob(const float* logp, int64_t K, int64_t n, float* out) {
+// Loops run over classes innermost so that they vectorise; mx is CHUNK floats of scratch.
+inline void log_mean_prob(const float* logp, int64_t K, int64_t n, float* mx, float* out) {
+  for (int64_t i = 0; i < n; ++i) mx[i] = logp[i];
+  for (int64_t k = 1; k < K; ++k)
+    for (int64_t i = 0; i < n; ++i) mx[i] = std::max(mx[i], logp[k * CHUNK + i]);
   for (int64_t i = 0; i < n; ++i) {
-    float mx = NEG_INF;
-    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, logp[k * CHUNK + i]);
-    float safe = mx == NEG_INF ? 0.0f : mx;
-    float s = 0.0f;
-    for (int64_t k = 0; k < K; ++k) s += fast_exp(logp[k * CHUNK + i] - safe);
-    out[i] = safe + std::log(s / static_cast<float>(K));
+    mx[i] = mx[i] == NEG_INF ? 0.0f : mx[i];
+    out[i] = 0.0f;
   }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < n; ++i) out[i] += fast_exp(logp[k * CHUNK + i] - mx[i]);
+  const float inv_k = 1.0f / static_cast<float>(K);
+  for (int64_t i = 0; i < n; ++i) out[i] = mx[i] + fast_log(out[i] * inv_k);
 }
 
 struct Config {
@@ -113,7 +150,7 @@ void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* ta
   const int64_t K = c.K, V = c.V;
   const bool smooth = c.has_ce && c.eps > 0.0f;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(K * CHUNK), zbar(CHUNK), lpbar(CHUNK);
+    std::vector<float> z(K * CHUNK), zbar(CHUNK), lpbar(CHUNK), scratch(CHUNK);
     std::vector<float> m(K), S(K), A(K), zsum(K), lse(K), stat(K);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t y = target[n];
@@ -171,7 +208,7 @@ void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* ta
             rows.load(row, k, v0, len, len, &z[k * CHUNK]);
             for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] -= lse[k];
           }
-          log_mean_prob(z.data(), K, len, lpbar.data());
+          log_mean_prob(z.data(), K, len, scratch.data(), lpbar.data());
           for (int64_t k = 0; k < K; ++k) {
             float acc = 0.0f;
             for (int64_t i = 0; i < len; ++i) {
@@ -208,7 +245,7 @@ void backward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* t
   const float inv_k = 1.0f / static_cast<float>(K);
   const float smooth_term = c.has_ce ? c.eps / static_cast<float>(V) : 0.0f;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(K * CHUNK), p(K * CHUNK), zbar(CHUNK), pbar(CHUNK), lpbar(CHUNK), g(CHUNK);
+    std::vector<float> z(K * CHUNK), p(K * CHUNK), zbar(CHUNK), pbar(CHUNK), lpbar(CHUNK), g(CHUNK), scratch(CHUNK);
     for (int64_t n = begin; n < end; ++n) {
       T* grow = grad + grad_row_off[n];
       const int64_t y = target[n];
@@ -233,7 +270,7 @@ void backward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* t
         if (c.js) {
           for (int64_t k = 0; k < K; ++k)
             for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] -= lse[k * N + n];  // now log p_k
-          log_mean_prob(z.data(), K, len, lpbar.data());
+          log_mean_prob(z.data(), K, len, scratch.data(), lpbar.data());
         } else {
           for (int64_t i = 0; i < padded; ++i) zbar[i] = pbar[i] = 0.0f;
           for (int64_t k = 0; k < K; ++k)
