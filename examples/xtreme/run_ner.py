@@ -90,15 +90,8 @@ def evaluate(trainer, dataset, rows) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import transformers
-    transformers.set_seed(args.seed)
-    train_rows, test_rows = load_rows(args)
-    if args.max_train_samples:
-        train_rows = train_rows[:args.max_train_samples]
-    if not train_rows:
-        raise SystemExit("no English training rows found")
+    train_rows, test_rows = common.start(args, load_rows, "English")
     tokenizer, model = common.load_model(transformers.AutoModelForTokenClassification, args.model,
                                          num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
                                          label2id={t: i for i, t in enumerate(LABELS)})

@@ -112,15 +112,8 @@ def predict_answers(trainer, rows, feats, max_answer_length, n_best=20) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import transformers
-    transformers.set_seed(args.seed)
-    train_rows, dev_rows = load_rows(args)
-    if args.max_train_samples:
-        train_rows = train_rows[:args.max_train_samples]
-    if not train_rows:
-        raise SystemExit(f"no {args.train_language} training rows found")
+    train_rows, dev_rows = common.start(args, load_rows, args.train_language)
     tokenizer, model = common.load_model(transformers.AutoModelForQuestionAnswering, args.model)
     out_dir = Path(args.output_dir) / f"tydiqa-{args.method}"
     trainer = common.make_trainer(args, model, Features(train_rows, tokenizer, args),

@@ -67,6 +67,22 @@ def make_trainer(args, model, train_set, collator, out_dir):
     return IntraDistillationTrainer(**common, intra_args=IntraDistillationArguments(passes=args.passes, alpha=args.alpha))
 
 
+def start(args, load_rows, language: str):
+    """Threads and seed from the command line, then the (train, eval) rows, the training rows
+    capped at --max-train-samples."""
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.set_seed(args.seed)
+    train_rows, eval_rows = load_rows(args)
+    if args.max_train_samples:
+        train_rows = train_rows[:args.max_train_samples]
+    if not train_rows:
+        raise SystemExit(f"no {language} training rows found")
+    return train_rows, eval_rows
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
