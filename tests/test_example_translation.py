@@ -65,6 +65,29 @@ def test_train_few_steps_writes_reports(debian_available, tmp_path, method, extr
     assert float(loss_fn(model, batches[0]).detach()) > 0
 
 
+def test_iwslt14_files_path(debian_available, tmp_path):
+    """--data iwslt14 reads prepare-iwslt14.sh's layout (train/valid/test.{de,en}, a sentence a
+    line); real Ding pairs stand in for the IWSLT release, which needs a network."""
+    splits = data.split_pairs(list(data.load_trans_de_en()), 30, 30)
+    data_dir = tmp_path / "iwslt14.tokenized.de-en"
+    data_dir.mkdir()
+    for split, pairs in splits.items():
+        pairs = pairs[:600]
+        (data_dir / f"{split}.de").write_text("".join(f"{d}\n" for d, _ in pairs), encoding="utf-8")
+        (data_dir / f"{split}.en").write_text("".join(f"{e}\n" for _, e in pairs), encoding="utf-8")
+    loaded = data.load_iwslt14("de", data_dir)
+    assert loaded["test"][:3] == splits["test"][:3] and len(loaded["train"]) == 600
+    out = tmp_path / "run"
+    train.run(train.parse_args(TINY + ["--data", "iwslt14", "--src", "de", "--data-dir", str(data_dir),
+                                       "--method", "intra-distillation", "--out", str(out)]))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["data"] == "iwslt14" and saved["steps"] == 4 and saved["history"][-1]["divergence"] > 0
+    with pytest.raises(ValueError, match="source language"):
+        data.load_iwslt14("xx", data_dir)
+    with pytest.raises(FileNotFoundError, match="prepare-iwslt14"):
+        data.load_iwslt14("it", data_dir)
+
+
 def test_inverse_sqrt_schedule():
     assert train.inverse_sqrt(50, 100) == pytest.approx(0.5)
     assert train.inverse_sqrt(100, 100) == pytest.approx(1.0)
