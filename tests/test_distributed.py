@@ -142,8 +142,8 @@ def _ddp_worker(rank, world, port, out_dir):
     dist.barrier()
     # Skip interpreter teardown. On torch 2.13, freeing DDP's reducer destroys the gloo process
     # group it holds, which joins gloo's worker thread with the GIL held, while that thread may
-    # need the GIL to free a finished allreduce's thread-local state: a deadlock seen here once
-    # in ~10 runs. The results are on disk; exit code 0 is what mp.spawn checks.
+    # need the GIL to free a finished allreduce's thread-local state: a deadlock seen once in a
+    # fresh-clone CI run here (py-spy showed both stacks). The results are on disk; exit code 0 is what mp.spawn checks.
     os._exit(0)
 
 
