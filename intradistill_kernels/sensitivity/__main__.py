@@ -1,0 +1,3 @@
+from .cli import main
+
+main(prog="python -m intradistill_kernels.sensitivity")
