@@ -1,4 +1,4 @@
-"""`make demo`: baseline vs intra-distillation on real German->English pairs, on any machine.
+"""`make demo-translation`: baseline vs intra-distillation on real German->English pairs.
 
 Trains the demo preset twice with the same seed and the same number of steps, once with the
 plain label-smoothed cross-entropy and once with intra-distillation (K = 3 passes, X-divergence,
