@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import html
-import os
+import io
 import random
 import re
 import shutil
@@ -22,39 +22,39 @@ import tempfile
 import zlib
 from pathlib import Path
 
+from .._cache import cache_root, cached_dir, cached_file
+
 IWSLT14_PAIRS = ("ar", "de", "es", "fa", "he", "it", "nl", "pl")  # each XX -> en, as in the paper
 
 
 def cache_dir() -> Path:
-    path = Path(os.environ.get("INTRADISTILL_CACHE", Path.home() / ".cache" / "intradistill_kernels"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_root()
 
 
 def fetch_debian_package(name: str, cache: Path | None = None) -> Path:
     """Downloads and unpacks a Debian package (no install, no root needed for the unpacking);
-    returns the directory it was unpacked into. Cached: a second call does no network access."""
-    target = (cache or cache_dir()) / "debian" / name
-    if (target / ".complete").exists():
-        return target
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise RuntimeError(f"fetching the Debian package {name!r} needs apt-get and dpkg-deb (a Debian-based system)")
-    with tempfile.TemporaryDirectory() as tmp:
-        for attempt in range(2):
-            run = subprocess.run(["apt-get", "download", name], cwd=tmp, capture_output=True, text=True)
-            if run.returncode == 0:
-                break
-            if attempt == 0:  # a fresh machine may have no package lists yet
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
-        else:
-            raise RuntimeError(f"apt-get download {name} failed:\n{run.stderr.strip()}")
-        (deb,) = Path(tmp).glob(f"{name}_*.deb")
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
-    (target / ".complete").touch()
-    return target
+    returns the directory it was unpacked into. Cached: a second call does no network access, and
+    runs started together download it once (see examples/_cache.py)."""
+    debian = (cache or cache_dir()) / "debian"
+
+    def unpack(into: Path) -> None:
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            raise RuntimeError(f"fetching the Debian package {name!r} needs apt-get and dpkg-deb "
+                               "(a Debian-based system)")
+        with tempfile.TemporaryDirectory() as tmp:
+            for attempt in range(2):
+                run = subprocess.run(["apt-get", "download", name], cwd=tmp, capture_output=True, text=True)
+                if run.returncode == 0:
+                    break
+                if attempt == 0:  # a fresh machine may have no package lists yet
+                    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            else:
+                raise RuntimeError(f"apt-get download {name} failed:\n{run.stderr.strip()}")
+            (deb,) = Path(tmp).glob(f"{name}_*.deb")
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True)
+
+    # One lock for every package, not one each: two `apt-get update`s at once fail on apt's own lock.
+    return cached_dir(debian / name, unpack, lock=debian / ".apt.lock")
 
 
 _ANNOTATION = re.compile(r"\s*(\{[^}]*\}|\[[^\]]*\])")
@@ -214,3 +214,26 @@ def fingerprint(pairs) -> str:
         h.update(t.encode())
         h.update(b"\n")
     return h.hexdigest()[:12]
+
+
+def sentencepiece_model(pairs, vocab_size: int, model_file: Path) -> Path:
+    """A joint SentencePiece model (unigram; pad, unk, bos, eos = 0, 1, 2, 3) trained on both sides
+    of `pairs`, cached at model_file. Runs started together train it once; the others wait for it
+    and never read a half-written file (see examples/_cache.py)."""
+
+    def train(tmp: Path) -> None:
+        import sentencepiece as spm
+
+        # model_writer: the trainer hands back the serialized model instead of writing
+        # <prefix>.model itself, so the only file written is the one published atomically.
+        proto = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter([s for pair in pairs for s in pair]), model_writer=proto,
+            vocab_size=vocab_size, character_coverage=1.0, model_type="unigram",
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2,
+        )
+        tmp.write_bytes(proto.getvalue())
+
+    model_file = Path(model_file)
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    return cached_file(model_file, train)

@@ -110,14 +110,7 @@ def train_tokenizer(pairs, vocab_size: int, prefix: Path):
     """A joint SentencePiece model on the training split only."""
     import sentencepiece as spm
 
-    model_file = prefix.with_suffix(".model")
-    if not model_file.exists():
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter([s for pair in pairs for s in pair]), model_prefix=str(prefix),
-            vocab_size=vocab_size, character_coverage=1.0, model_type="unigram",
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2,
-        )
+    model_file = data_lib.sentencepiece_model(pairs, vocab_size, prefix.with_suffix(".model"))
     return spm.SentencePieceProcessor(model_file=str(model_file))
 
 
