@@ -50,7 +50,7 @@ def load_splits(task: str, train_size: int, valid_size: int, test_size: int, cac
     for name, value in (("train_size", train_size), ("valid_size", valid_size), ("test_size", test_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    cache_dir = Path(cache_dir or os.path.expanduser("~/.cache/intradistill_kernels"))
+    # None: the examples' cache (INTRADISTILL_CACHE or ~/.cache/intradistill_kernels)
     rows = [(text, label(task, rating)) for text, rating in movie_snippets(cache_dir)]
     rows = [(text, y) for text, y in rows if y is not None]
     random.Random(SPLIT_SEED).shuffle(rows)

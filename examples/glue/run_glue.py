@@ -53,7 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--logging-steps", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--output-dir", default="runs/glue")
-    ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/intradistill_kernels"))
+    ap.add_argument("--cache-dir", default=None,
+                    help="offline data cache (default: INTRADISTILL_CACHE or ~/.cache/intradistill_kernels)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
     for name in ("passes", "max_length", "batch_size"):
