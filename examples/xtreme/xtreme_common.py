@@ -60,7 +60,7 @@ def make_trainer(args, model, train_set, collator, out_dir):
     targs = transformers.TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps, logging_steps=args.logging_steps,
-        save_strategy="no", report_to=[], seed=args.seed, warmup_ratio=0.1, use_cpu=not torch.cuda.is_available())
+        save_strategy="no", report_to=[], seed=args.seed, warmup_steps=0.1, use_cpu=not torch.cuda.is_available())
     common = dict(model=model, args=targs, train_dataset=train_set, data_collator=collator)
     if args.method == "baseline":
         return transformers.Trainer(**common)
