@@ -33,8 +33,11 @@ class AdaptiveAlpha:
         self.gamma = math.log(1.0 / self.alpha) / math.log(self.p / self.q) if self.alpha > 1 else 0.0
 
     def __call__(self, step: int) -> float:
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        if not isinstance(step, numbers.Real) or isinstance(step, bool):
+            raise TypeError(f"step must be a number (the 0-based training step), got {step!r}")
+        # NaN compares False with everything, so without this it would flow into the power below
+        if not math.isfinite(step) or step < 0:
+            raise ValueError(f"step must be a finite number >= 0, got {step}")
         if self.alpha <= 1:
             return self.alpha
         if step < self.total_steps / self.p:

@@ -214,3 +214,71 @@ def test_bad_arguments():
         IntraDistillationArguments(divergence="kl")
     with pytest.raises(ValueError, match="q > p"):
         IntraDistillationArguments(alpha=2.0, p=10.0, q=5.0)
+
+
+def test_qa_answer_outside_the_window_is_ignored_like_transformers(tmp_path):
+    """A start/end position equal to the sequence length marks an answer outside the window:
+    transformers ignores it (it used to be clamped onto a padding token: loss ~1e37)."""
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering(_config(2))
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    trainer = _trainer(model, tmp_path, IntraDistillationArguments(passes=2, adaptive=False))
+    batch = _batch()
+    t = batch["input_ids"].shape[1]
+    starts, ends = torch.tensor([1, t, 0, 4]), torch.tensor([3, t, 1, 9])  # row 1 outside; end 9 > T clamps to T
+    model.train()
+    loss = trainer.compute_loss(model, {**batch, "start_positions": starts, "end_positions": ends})
+    assert torch.isfinite(loss) and float(loss) < 20
+    # the model's own loss (no padding mask there, so compare with the mask all ones)
+    ones = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}
+    loss = trainer.compute_loss(model, {**ones, "start_positions": starts, "end_positions": ends})
+    own = model(**ones, start_positions=starts, end_positions=ends).loss
+    # 3 valid starts, 2 valid ends: transformers averages each over its own count; the pooled token
+    # mean used here (exact under accumulation) weighs them by count
+    out = model(**ones)
+    ce = torch.nn.functional.cross_entropy
+    s = ce(out.start_logits, starts.clamp(0, t), ignore_index=t, reduction="sum")
+    e = ce(out.end_logits, ends.clamp(0, t), ignore_index=t, reduction="sum")
+    torch.testing.assert_close(loss, (s + e) / 5)
+    assert abs(float(own) - float((s / 3 + e / 2) / 2)) < 1e-5
+    all_in = torch.tensor([1, 2, 0, 4]), torch.tensor([3, 2, 1, 6])
+    torch.testing.assert_close(trainer.compute_loss(model, {**ones, "start_positions": all_in[0], "end_positions": all_in[1]}),
+                               model(**ones, start_positions=all_in[0], end_positions=all_in[1]).loss)
+
+
+def test_repeat_batch_keeps_namedtuple_and_mapping_types():
+    from collections import OrderedDict, defaultdict, namedtuple
+
+    Pair = namedtuple("Pair", "ids mask")
+    out = repeat_batch(Pair(torch.arange(4).view(2, 2), torch.ones(2, 2)), 2)
+    assert type(out) is Pair and out.ids.shape == (4, 2)
+    ordered = repeat_batch(OrderedDict([("b", torch.ones(1)), ("a", torch.zeros(1))]), 3)
+    assert type(ordered) is OrderedDict and list(ordered) == ["b", "a"] and ordered["a"].shape == (3,)
+    dd = defaultdict(list, x=torch.ones(2))
+    out = repeat_batch(dd, 2)
+    assert type(out) is defaultdict and out.default_factory is list and out["x"].shape == (4,)
+
+
+def test_adaptive_alpha_rejects_none_and_nan_steps():
+    schedule = AdaptiveAlpha(2.0, 5.0, 10.0, 100)
+    with pytest.raises(TypeError, match="step"):
+        schedule(None)
+    for bad in (float("nan"), float("inf"), -1):
+        with pytest.raises(ValueError, match="step"):
+            schedule(bad)
+    assert schedule(10.0) == schedule(10)
+
+
+@pytest.mark.parametrize("kwargs,error,name", [
+    (dict(alpha=float("nan")), ValueError, "alpha"), (dict(alpha=float("inf")), ValueError, "alpha"),
+    (dict(alpha=-1.0), ValueError, "alpha"), (dict(alpha="1"), TypeError, "alpha"),
+    (dict(backend="gpu"), ValueError, "backend"), (dict(p=float("nan")), ValueError, "p"),
+    (dict(adaptive=1), TypeError, "adaptive"), (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(fused_linear="yes"), TypeError, "fused_linear"),
+])
+def test_arguments_are_checked_when_made(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        IntraDistillationArguments(**kwargs)
