@@ -1,8 +1,8 @@
 """What a user could run instead of this package, each as fn(logits, target) -> scalar loss.
 
 Every contender computes the same quantity (mean CE over the K passes + alpha * X-divergence, or
-the divergence alone) so that the timings compare equal work; benchmarks/run.py checks each value
-against the reference before timing it.
+the divergence alone) so that the timings compare equal work; the runner checks each value
+against the reference before timing it (measure.check).
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""Inputs, correctness against the float64 reference, timing and bandwidth of one contender."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import intradistill_kernels as idk
+
+from .contenders import ALPHA
+
+
+def make_inputs(k, n, v, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = (torch.randn(k, n, v, generator=g) * 2).to(device=device, dtype=dtype)
+    target = torch.randint(0, v, (n,), generator=g).to(device)
+    return logits, target
+
+
+def check(fn, kind, logits, target) -> float:
+    """Relative error of a contender against the float64 reference on the same inputs."""
+    with torch.no_grad():
+        got = float(fn(logits, target))
+        ref_logits = logits.double()
+        if kind == "js":
+            want = float(idk.js_divergence(ref_logits, backend="torch"))
+        elif target is None:
+            want = float(idk.x_divergence(ref_logits, backend="torch"))
+        else:
+            want = float(idk.intra_distillation_loss(ref_logits, target, ALPHA, backend="torch").loss)
+    return abs(got - want) / max(abs(want), 1e-12)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, reps: int) -> float:
+    """Median wall time of fn in ms: triton.testing.do_bench on GPU, a warm repeated timer on CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def mode_callables(fn, logits, target, mode):
+    """A zero-argument callable timing exactly `mode` of fn on these inputs."""
+    def forward():
+        with torch.no_grad():
+            return fn(logits, target)
+
+    def forward_backward():
+        x = logits.detach().requires_grad_()
+        fn(x, target).backward()
+
+    if mode == "forward":
+        return forward
+    if mode == "forward+backward":
+        return forward_backward
+    x = logits.detach().requires_grad_()
+    loss = fn(x, target)
+    return lambda: torch.autograd.grad(loss, x, retain_graph=True)
+
+
+def minimal_bytes(k, n, v, elt, mode) -> int:
+    per = k * n * v * elt
+    return {"forward": per, "backward": 2 * per, "forward+backward": 3 * per}[mode]
+
+
+def cpu_floor_ms(logits, reps) -> dict:
+    """The CPU floor: the larger of 1.5 plain copies (2 reads + 1 write) and two torch.exp
+    passes over the logits (exp, not memory, bounds this loss on a CPU)."""
+    dst = torch.empty_like(logits)
+    copy = time_ms(lambda: dst.copy_(logits), "cpu", reps)
+    exp = time_ms(lambda: torch.exp(logits, out=dst), "cpu", reps)
+    return {"copy_ms": copy, "exp_ms": exp, "floor_ms": max(1.5 * copy, 2 * exp)}
+
+
+def copy_bandwidth(logits, device, reps) -> float:
+    dst = torch.empty_like(logits)
+    ms = time_ms(lambda: dst.copy_(logits), device, reps)
+    return 2 * logits.numel() * logits.element_size() / (ms * 1e-3)

@@ -1,0 +1,120 @@
+"""Writing a run: results.json, results.md, the plot, and the generated results section of
+benchmarks/README.md when the run writes into a source checkout's benchmarks/results/."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+# present in a source checkout, absent where the package is installed from a wheel
+CHECKOUT_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def device_name(device: str) -> str:
+    """A file-name-safe name of the device: the GPU's name, or the CPU model and core count."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        model = platform.processor() or "cpu"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        name = f"{model} {os.cpu_count()}-core"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def default_out_dir(device: str) -> Path:
+    """benchmarks/results/<device>-<date> in a source checkout (where results are committed),
+    else benchmark-results/<device>-<date> under the current directory."""
+    results = CHECKOUT_BENCHMARKS / "results"
+    base = results if results.is_dir() else Path.cwd() / "benchmark-results"
+    return base / f"{device_name(device)}-{dt.date.today().isoformat()}"
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def markdown(meta, rows) -> str:
+    lines = [f"Device: `{meta['device']}`, {meta['date']}, torch {meta['torch']}, {meta['threads']} threads; "
+             f"backends {meta['backends']}.", "",
+             "| K | N | V | dtype | loss | mode | contender | ms | GB/s (minimal bytes) | % copy BW | x CPU floor | peak extra MB | speed-up vs paper eager | rel. error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "mode" not in r:
+            lines.append(f"| {r['K']} | {r['N']} | {r['V']} | {r['dtype']} | | | {r.get('contender', '')} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        status = _fmt(r.get("ms"), ".2f") if r["correct"] else "WRONG RESULT: not timed"
+        lines.append(
+            f"| {r['K']} | {r['N']} | {r['V']} | {r['dtype']} | {r['loss']} | {r['mode']} | {r['contender']} | {status} | "
+            f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('pct_copy_bw'), '.0f')} | {_fmt(r.get('x_floor'), '.2f')} | "
+            f"{_fmt(r.get('peak_extra_mb'), '.0f')} | {_fmt(r.get('speedup_vs_paper_eager'), '.1f')} | {r['rel_error']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, out: Path) -> Path | None:
+    """Bar chart of CE + X forward+backward time per shape and contender (log scale)."""
+    try:
+        import matplotlib
+    except ImportError:  # the tables are the result; the plot is a view of them
+        print("matplotlib is not installed: no plot written")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.get("ms") and r["mode"] == "forward+backward" and r["loss"] == "ce+x"]
+    shapes = sorted({(r["K"], r["N"], r["V"], r["dtype"]) for r in timed})
+    names = sorted({r["contender"] for r in timed})
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(shapes)), 4))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        ys = [next((r["ms"] for r in timed if (r["K"], r["N"], r["V"], r["dtype"]) == s and r["contender"] == name), 0)
+              for s in shapes]
+        ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+    ax.set_xticklabels([f"K={k} N={n}\nV={v} {d}" for k, n, v, d in shapes], fontsize=8)
+    ax.set_ylabel("forward+backward time (ms, log)")
+    ax.set_yscale("log")
+    ax.set_title("CE + X-divergence, forward+backward")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "time_fwd_bwd.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "results.md").write_text(markdown(meta, rows))
+    plot(rows, out)
+
+
+def update_readme(out: Path) -> bool:
+    """Rewrites the generated section of benchmarks/README.md from every results/*/results.md,
+    if `out` lies in this checkout's benchmarks/results/; returns whether it did."""
+    readme, results = CHECKOUT_BENCHMARKS / "README.md", CHECKOUT_BENCHMARKS / "results"
+    if out.resolve().parent != results.resolve() or not readme.is_file():
+        return False
+    text = readme.read_text()
+    if README_BEGIN not in text:
+        return False
+    body = "\n".join(f"### {p.parent.name}\n\n{p.read_text()}" for p in sorted(results.glob("*/results.md")))
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_BEGIN}\n<!-- written by python -m benchmarks.run; do not edit -->\n\n"
+                      f"{body}\n{README_END}{tail}")
+    return True
+
