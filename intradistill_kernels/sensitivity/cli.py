@@ -141,3 +141,9 @@ def main(argv=None, *, prog: str | None = None) -> dict:
     _print_table(models, args.fractions)
     print(f"summary: {out / 'sensitivity.json'}; plots: {', '.join(str(p) for p in plots)}")
     return summary
+
+
+def command() -> None:
+    """The installed `intradistill-sensitivity` command: main() without its return value, which a
+    console script hands to sys.exit (a dict there prints it and exits with status 1)."""
+    main()
