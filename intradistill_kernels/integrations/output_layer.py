@@ -172,6 +172,7 @@ class capture_output_layer_input:
         self.module, self.probe = module, probe
         self.hidden: Tensor | None = None
         self.probe_hidden: Tensor | None = None
+        self.autocast_dtype: torch.dtype | None = None
         self.calls = 0
 
     def _hook(self, module, args, kwargs):
@@ -180,6 +181,10 @@ class capture_output_layer_input:
         hidden = args[0]
         self.calls += 1
         self.hidden = hidden
+        # Mixed precision may be on inside the model's forward only (accelerate wraps the forward in
+        # autocast): the dtype the output layer would have run in is the one seen here.
+        device = hidden.device.type
+        self.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         # a slice keeps the batch dims and H, so the model's code after the layer runs unchanged
         kept = hidden[..., -1:, :] if self.probe else hidden[..., :0, :]
         if self.probe:
@@ -195,7 +200,8 @@ class capture_output_layer_input:
         return False
 
 
-def check_probe(layer: OutputLayer, probe_hidden: Tensor, model_logits: Tensor, model_name: str) -> None:
+def check_probe(layer: OutputLayer, probe_hidden: Tensor, model_logits: Tensor, model_name: str,
+                autocast: bool = False) -> None:
     """The model's own logits on the probed positions must equal what the fused path computes: the
     last guard against an architecture doing something after its output layer that is not known here."""
     want = model_logits.detach().float().reshape(-1, model_logits.shape[-1])
@@ -203,8 +209,8 @@ def check_probe(layer: OutputLayer, probe_hidden: Tensor, model_logits: Tensor, 
     if got.shape != want.shape:
         raise ValueError(f"{model_name}'s logits have shape {tuple(model_logits.shape)}, not what its output layer "
                          "gives; set IntraDistillationArguments(fused_linear=False)")
-    sixteen = torch.bfloat16 in (probe_hidden.dtype, layer.weight.dtype, model_logits.dtype) or \
-        torch.float16 in (probe_hidden.dtype, layer.weight.dtype, model_logits.dtype)
+    dtypes = (probe_hidden.dtype, layer.weight.dtype, model_logits.dtype)
+    sixteen = torch.bfloat16 in dtypes or torch.float16 in dtypes or autocast  # the model's GEMM ran in 16 bits
     tol = 3e-2 if sixteen else 1e-4
     err = (got - want).abs().max().item()
     scale = want.abs().max().item() + 1.0

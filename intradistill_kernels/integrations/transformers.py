@@ -311,6 +311,7 @@ class IntraDistillationMixin:
     def _lm_terms(self, model, base, inputs: dict, target: Tensor, alpha: float) -> _Terms:
         a, k = self.intra_args, self.intra_args.passes
         items = _count(target != IGNORE)
+        inputs.setdefault("use_cache", False)  # a training forward has no use for a KV cache of K x B rows
         options = dict(divergence=a.divergence, ignore_index=IGNORE, reduction="sum", backend=a.backend)
         if not a.fused_linear:
             outputs = model(**repeat_batch(inputs, k))
@@ -326,16 +327,16 @@ class IntraDistillationMixin:
             raise ValueError(f"{name} called its output layer {tap.calls} times in one forward; the fused-linear "
                              "loss needs exactly one call. Set IntraDistillationArguments(fused_linear=False).")
         if probe:
-            check_probe(layer, tap.probe_hidden, outputs.logits, name)
+            check_probe(layer, tap.probe_hidden, outputs.logits, name, autocast=tap.autocast_dtype is not None)
             self._probed.add(id(layer.module))
         hidden, weight, bias = tap.hidden, layer.weight, layer.bias()
         device_type = hidden.device.type
-        autocast = torch.is_autocast_enabled(device_type)
         # Under autocast the output layer would have run in the autocast dtype: so does the fused
         # GEMM, while the loss itself accumulates in fp32 (the kernels never see autocast).
-        dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+        dtype = tap.autocast_dtype or weight.dtype
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+        autocast = torch.is_autocast_enabled(device_type)
         ctx = torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext()
         with ctx:
             out = fused_linear_intra_distillation_loss(
