@@ -371,14 +371,21 @@ void backward(const at::Tensor& logits, const at::Tensor& row_off, const at::Ten
   });
 }
 
+// Any K: a token's K rows are staged in heap buffers sized at run time.
+int64_t max_passes(const at::Tensor&) { return std::numeric_limits<int64_t>::max(); }
+
 }  // namespace
 
 TORCH_LIBRARY(intradistill_cpp, m) {
   m.def("forward(Tensor logits, Tensor row_off, Tensor target, bool js, float eps, bool has_ce) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("backward(Tensor logits, Tensor row_off, Tensor target, Tensor lse, Tensor stat, Tensor g_ce, Tensor g_div, bool js, float eps, bool has_ce, Tensor(a!) grad, Tensor grad_row_off) -> ()");
+  // The largest K the kernels of probe's device accept (int64 max: any); Python reads the limit
+  // from here instead of keeping a copy of a constant that lives in C++.
+  m.def("max_passes(Tensor probe) -> int");
 }
 
 TORCH_LIBRARY_IMPL(intradistill_cpp, CPU, m) {
   m.impl("forward", &forward);
   m.impl("backward", &backward);
+  m.impl("max_passes", &max_passes);
 }

@@ -75,9 +75,12 @@ void backward(const at::Tensor& logits, const at::Tensor& row_off, const at::Ten
   TORCH_CHECK(err == cudaSuccess, "intradistill backward kernel: ", cudaGetErrorString(err));
 }
 
+int64_t max_passes(const at::Tensor&) { return intradistill::kMaxPasses; }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(intradistill_cpp, CUDA, m) {
   m.impl("forward", &forward);
   m.impl("backward", &backward);
+  m.impl("max_passes", &max_passes);
 }

@@ -1,96 +1,198 @@
 """Loader of the C++ extension (csrc/): the "cpu" backend and, where torch has CUDA and nvcc is
 found, the "cuda" backend. Both implement the interface of ops/triton/__init__.py.
 
-The extension is compiled on first use with torch.utils.cpp_extension.load (ninja) into torch's
-extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so installing the
-package needs no compiler and never builds against a second torch; later imports reuse the build.
-Set INTRADISTILL_DISABLE_CPP=1 to skip it.
+Each part of the extension comes from one of two builds (ops/extension_spec.py describes both):
+- ahead of time, at install time (INTRADISTILL_BUILD_EXT=1 pip install --no-build-isolation .):
+  a library inside the package, preferred when the torch, sources and CPU it was built for are
+  the ones here;
+- on first use, with torch.utils.cpp_extension.load (ninja) into torch's extension cache
+  (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so a plain install needs no compiler
+  and never builds against a second torch. The build directory is named after the build's
+  identity and compiles a copy of the sources kept inside it, so a source checkout and an
+  installed wheel of the same sources share one build, and different sources never overwrite it.
+Set INTRADISTILL_DISABLE_CPP=1 to skip both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-_lock = threading.Lock()
+from . import extension_spec as spec
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CSRC = PACKAGE_DIR.parent / "csrc"
+# Reentrant: building the cuda part builds the cpu part first, from inside the same lock.
+_lock = threading.RLock()
 _state: dict[str, object] = {}
+# What the max_passes operator returns when any K is accepted.
+_NO_PASS_LIMIT = 2**63 - 1
 
 
 def _sources_dir() -> Path:
-    # Editable installs and source checkouts have csrc/ beside the package; wheels ship it inside.
-    inside = Path(__file__).resolve().parent / "csrc"
-    return inside if inside.exists() else CSRC
+    # Wheels carry csrc/ inside the package; editable installs and checkouts have it beside it.
+    inside = PACKAGE_DIR / "csrc"
+    return inside if inside.is_dir() else CSRC
 
 
 def _build(kind: str) -> bool:
-    """Builds (or loads from the cache) one part of the extension; remembers failures."""
+    """Loads one part of the extension (building it if needed); remembers failures."""
     with _lock:
         if kind in _state:
             return _state[kind] is True
         ok = False
         try:
             if os.environ.get("INTRADISTILL_DISABLE_CPP", "0") not in ("", "0"):
-                raise RuntimeError("disabled by INTRADISTILL_DISABLE_CPP")
-            ok = _compile(kind)
-        except Exception as exc:  # no compiler, no ninja, no nvcc...: the backend is unavailable
+                raise _Unavailable("disabled by INTRADISTILL_DISABLE_CPP")
+            _state[f"{kind}_origin"] = _load(kind)
+            limit = int(torch.ops.intradistill_cpp.max_passes(torch.empty(0, device=kind)))
+            _state[f"{kind}_max_passes"] = None if limit >= _NO_PASS_LIMIT else limit
+            ok = True
+        except _Unavailable as exc:  # an expected absence (no CUDA, no compiler): the reason says it all
+            _state[f"{kind}_error"] = str(exc)
+        except Exception as exc:  # a failed build or load: keep the whole message (compiler output)
             _state[f"{kind}_error"] = f"{type(exc).__name__}: {exc}"
         _state[kind] = ok
         return ok
 
 
-def _compile(kind: str) -> bool:
-    from torch.utils.cpp_extension import load
+class _Unavailable(RuntimeError):
+    pass
 
-    src = _sources_dir()
+
+def _load(kind: str) -> str:
+    """Loads the library of one part and says where it came from."""
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            raise _Unavailable("this torch is a CPU-only build (no CUDA)")
+        if not torch.cuda.is_available():
+            raise _Unavailable("no CUDA device visible to torch")
+        if not _build("cpu"):  # the CPU library defines the operators the CUDA one implements
+            raise _Unavailable(f"the cpu part failed first: {build_error('cpu')}")
+    aot = _aot_library(kind)
+    if aot is not None:
+        try:
+            torch.ops.load_library(str(aot))
+            return f"ahead-of-time build {aot}"
+        except OSError as exc:
+            _state[f"{kind}_aot_skipped"] = f"ahead-of-time library {aot} failed to load: {exc}"
+    return f"first-use build {_first_use_build(kind)}"
+
+
+def _aot_library(kind: str) -> Path | None:
+    """The ahead-of-time library of this part, if one was installed and fits this machine."""
+    info_path = PACKAGE_DIR / spec.AOT_INFO
+    if not info_path.is_file():
+        return None
+    try:
+        recorded = json.loads(info_path.read_text())["parts"][kind]
+    except KeyError:
+        return None  # built ahead of time without this part (e.g. no CUDA at install time)
+    except (OSError, ValueError) as exc:
+        _state[f"{kind}_aot_skipped"] = f"unreadable {info_path}: {exc}"
+        return None
+    library = PACKAGE_DIR / recorded["library"]
+    current = spec.build_identity(kind, _sources_dir(), torch.__version__, recorded["cxx"], recorded["cuda"])
+    differences = spec.identity_mismatch(recorded, current)
+    if differences or not library.is_file():
+        why = f"built for {', '.join(differences)}" if differences else "its file is missing"
+        _state[f"{kind}_aot_skipped"] = f"ahead-of-time library {library} not used: {why}"
+        return None
+    return library
+
+
+def _first_use_build(kind: str) -> str:
+    from torch.utils.cpp_extension import LIB_EXT, _get_build_directory, load
+
     if kind == "cpu":
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            raise RuntimeError("no C++ compiler found")
-        sources = [src / "cpu_kernel.cpp"]
-        # -fno-trapping-math lets GCC vectorise floor() in fast_exp; neither flag changes IEEE results.
-        # -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers; without the flag it
-        # silently runs on one thread.
-        flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-        name = "intradistill_kernels_cpu"
-        extra = {"extra_ldflags": ["-fopenmp"]}
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            raise _Unavailable(f"no C++ compiler found (CXX={compiler}) for the first-use build")
     else:
-        if not torch.cuda.is_available() or torch.version.cuda is None:
-            raise RuntimeError("torch has no CUDA device")
         from torch.utils.cpp_extension import CUDA_HOME
 
         if CUDA_HOME is None:
-            raise RuntimeError("nvcc not found (set CUDA_HOME)")
-        if not _build("cpu"):  # the CPU library defines the operators the CUDA one implements
-            raise RuntimeError(f"the cpu part failed first: {build_error('cpu')}")
-        sources = [src / "cuda_binding.cpp", src / "cuda_kernel.cu"]
-        flags = ["-O3"]
-        name = "intradistill_kernels_cuda"
-        extra = {"extra_cuda_cflags": ["-O3", "--use_fast_math", "-lineinfo"]}
-    if not _cached(name):
+            raise _Unavailable("nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
+    _ensure_ninja_on_path()
+    cxx, cuda = spec.cxx_flags(kind), spec.cuda_flags(kind)
+    identity = spec.build_identity(kind, _sources_dir(), torch.__version__, cxx, cuda)
+    name = f"{spec.FIRST_USE_NAMES[kind]}_{spec.identity_key(identity)}"
+    build_dir = Path(_get_build_directory(name, verbose=False))
+    sources = _copy_sources(kind, build_dir / "src")
+    if not (build_dir / f"{name}{LIB_EXT}").exists():
         print(f"intradistill-kernels: building the {kind} extension (first use only, about a minute)...",
               file=sys.stderr, flush=True)
-    load(name=name, sources=[str(s) for s in sources], extra_cflags=flags, is_python_module=False,
-         verbose=False, **extra)
-    return True
+    return load(name=name, sources=[str(s) for s in sources], extra_cflags=cxx, extra_cuda_cflags=cuda,
+                extra_ldflags=spec.ld_flags(kind), build_directory=str(build_dir), is_python_module=False,
+                verbose=False)
 
 
-def _cached(name: str) -> bool:
+def _copy_sources(kind: str, dest: Path) -> list[Path]:
+    """Copies the part's sources into its build directory (once: the directory is named after
+    their content) and returns the files to compile. Compiling the copies keeps ninja's command
+    lines independent of where the package lives, so every install of these sources reuses the
+    build; files already there are left alone so that their times do not trigger a rebuild."""
+    dest.mkdir(parents=True, exist_ok=True)
+    src = _sources_dir()
+    for name in spec.SOURCES[kind] + spec.HEADERS[kind]:
+        target = dest / name
+        if not target.exists():
+            tmp = dest / f".{name}.{os.getpid()}"
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, target)  # atomic: a concurrent build never compiles a half-written file
+    return [dest / name for name in spec.SOURCES[kind]]
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; pip's ninja lands in the environment's scripts directory,
+    which is not on PATH when the interpreter of a virtualenv is run without activating it."""
+    if shutil.which("ninja") is not None:
+        return
+    candidates = [sysconfig.get_path("scripts"), os.path.dirname(sys.executable)]
     try:
-        from torch.utils.cpp_extension import _get_build_directory
+        import ninja
 
-        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
-    except Exception:  # a private helper of torch: only decides whether to print a notice
-        return False
+        candidates.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    for directory in candidates:
+        if directory and shutil.which("ninja", path=directory) is not None:
+            os.environ["PATH"] = directory + os.pathsep + os.environ.get("PATH", "")
+            return
+    raise _Unavailable("ninja not found (pip install ninja)")
 
 
 def build_error(kind: str) -> str | None:
-    """Why a backend could not be built, if it could not."""
+    """Why a part of the extension could not be loaded, in full (compiler output included)."""
     return _state.get(f"{kind}_error")  # type: ignore[return-value]
+
+
+def library_origin(kind: str) -> str | None:
+    """Where the loaded library of a part came from: "ahead-of-time build <path>" or
+    "first-use build <path>"; None when it is not loaded."""
+    return _state.get(f"{kind}_origin")  # type: ignore[return-value]
+
+
+def aot_skipped(kind: str) -> str | None:
+    """Why an installed ahead-of-time library was not used, if there is one and it was not."""
+    return _state.get(f"{kind}_aot_skipped")  # type: ignore[return-value]
+
+
+def _short(error: str) -> str:
+    """A build error in a line or a few: the compiler's own error lines rather than the command
+    lines that precede them."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    # "error:" is how gcc, clang, nvcc, ld and ninja start a message; command lines lack it.
+    errors = [line for line in lines[1:] if "error:" in line.lower()]
+    head = "the build failed: " + " | ".join(errors[:3]) if errors else (lines[0] if lines else error)
+    return head if len(head) <= 400 else head[:397] + "..."
 
 
 class _Backend:
@@ -103,8 +205,19 @@ class _Backend:
     def supports(self, t: torch.Tensor) -> bool:
         return t.device.type == self.kind
 
-    # The CUDA kernels keep a token's K rows in registers, instantiated up to this many passes.
-    max_passes = None
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot be used (None when it can), in a line or a few."""
+        if self.is_available():
+            return None
+        return _short(build_error(self.kind) or "the extension did not load")
+
+    @property
+    def max_passes(self) -> int | None:
+        """The largest K the kernels accept (None: any), as the extension itself reports it: the
+        CUDA kernels keep a token's K rows in registers and are instantiated up to a fixed K."""
+        if self.kind not in _state:
+            self.is_available()
+        return _state.get(f"{self.kind}_max_passes")  # type: ignore[return-value]
 
     def forward(self, logits, row_off, target, js, label_smoothing, has_ce):
         return torch.ops.intradistill_cpp.forward(logits, row_off, target, bool(js), float(label_smoothing), bool(has_ce))
@@ -116,4 +229,3 @@ class _Backend:
 
 cpu_backend = _Backend("cpu")
 cuda_backend = _Backend("cuda")
-cuda_backend.max_passes = 8  # kMaxPasses in csrc/cuda_kernel.h
