@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml setup.py | md5sum | cut -c1-12)
 
-.PHONY: test demo demo-translation bench install clean
+.PHONY: test demo demo-translation bench install dist clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,15 @@ demo-translation: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
+# The sdist and the wheel, both carrying csrc/ (INTRADISTILL_BUILD_EXT=1 also compiles the extension
+# into the wheel). build/ goes first: a library left there by an earlier build would enter the wheel.
+dist: $(STAMP)
+	rm -rf build dist
+	$(PY) -c "from setuptools import build_meta; build_meta.build_sdist('dist')"
+	$(PIP) wheel --no-deps --no-build-isolation -w dist .
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --device $(if $(DEVICE),$(DEVICE),cpu)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info intradistill_kernels/*.so intradistill_kernels/_aot_build.json
