@@ -10,11 +10,13 @@ from .functional import (
 )
 from .modules import IntraDistillationLoss, XDivergenceLoss
 from .ops.fused_linear import FusedLinearIntraDistillationLoss, fused_linear_intra_distillation_loss
+from ._doctor import doctor
 from .schedule import AdaptiveAlpha
 
 __all__ = [
     "x_divergence", "js_divergence", "intra_distillation_loss", "consistency_mse",
     "XDivergenceLoss", "IntraDistillationLoss", "AdaptiveAlpha", "available_backends",
     "IntraDistillationOutput", "fused_linear_intra_distillation_loss", "FusedLinearIntraDistillationLoss",
+    "doctor",
 ]
 __version__ = "0.1.0"
