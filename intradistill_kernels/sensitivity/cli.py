@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import platform
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def _load(spec: str):
     module, sep, func = spec.partition(":")
     if not sep or not module or not func:
         raise SystemExit(f"--loader must be module:function, got {spec!r}")
+    # `python -m` puts the current directory on sys.path, an installed console script does not;
+    # the loader's module is named relative to where the command runs in both cases
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:
