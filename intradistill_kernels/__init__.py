@@ -4,12 +4,12 @@ from .functional import (
     IntraDistillationOutput,
     available_backends,
     consistency_mse,
+    fused_linear_intra_distillation_loss,
     intra_distillation_loss,
     js_divergence,
     x_divergence,
 )
-from .modules import IntraDistillationLoss, XDivergenceLoss
-from .ops.fused_linear import FusedLinearIntraDistillationLoss, fused_linear_intra_distillation_loss
+from .modules import FusedLinearIntraDistillationLoss, IntraDistillationLoss, XDivergenceLoss
 from ._doctor import doctor
 from .schedule import AdaptiveAlpha
 

@@ -27,9 +27,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import functional as F
+from ._core import (
+    IntraDistillationOutput, REDUCTIONS, check_choice, check_logits, check_loss_options, check_mask, check_target,
+    jeffrey_factor, loss_output, pick_backend, reduce_rows,
+)
 from .ops import backend_impl
-from .ops.rows import row_offsets
+from .ops.backend import RowsConfig, RowStats
 
 Tensor = torch.Tensor
 
@@ -68,29 +71,31 @@ class _TorchShard:
     """Eager stand-in for a fused backend on one shard (the two calls _VocabParallelRows makes)."""
 
     @staticmethod
-    def forward(logits, off, row_target, js, eps, has_ce):
+    def forward(logits, row_target, cfg: RowsConfig) -> RowStats:
         k, v = logits.shape[0], logits.shape[-1]
         z = logits.reshape(k, -1, v).to(torch.promote_types(logits.dtype, torch.float32))
         lse_r = torch.logsumexp(z, -1)
         p_hat = torch.exp(z - lse_r[..., None])
         s_r = _masked_mul(p_hat, z - z.mean(0)).sum(-1)
-        return None, None, lse_r, s_r
+        return RowStats(None, None, lse_r, s_r)
 
     @staticmethod
-    def backward(logits, off, row_target, lse, stat, g_ce, g_div, js, eps, has_ce, grad, grad_off):
+    def backward(logits, row_target, lse, stat, g_ce, g_div, cfg: RowsConfig, grad) -> None:
         k, v = logits.shape[0], logits.shape[-1]
         z = logits.reshape(k, -1, v).to(lse.dtype)
         logp = z - lse[..., None]
         p = logp.exp()
-        if js:
+        if cfg.js:
             # d/dz_j of (1/K) Σ_k KL(p_k ‖ p̄) = (1/K) p_j (log p_j − log p̄ − KL_j)
             lpbar = torch.logsumexp(logp, 0) - torch.log(torch.tensor(float(k), dtype=lse.dtype))
             d = _masked_mul(p, logp - lpbar - stat[..., None])
         else:
             # d/dz_j of (1/K) Σ_k s_k = (1/K) [p_j (z_j − z̄ − s_j) + p_j − p̄]
             d = _masked_mul(p, z - z.mean(0) - stat[..., None]) + p - p.mean(0)
-        w = torch.where(row_target >= 0, g_div.to(lse.dtype), torch.zeros((), dtype=lse.dtype)) / k
-        grad.copy_((d * w[None, :, None]).view(grad.shape))
+        w = g_div.to(lse.dtype) / k
+        # Inactive rows may hold anything (huge or NaN logits): zero them, never multiply by 0.
+        keep = (row_target >= 0)[None, :, None]
+        grad.copy_(torch.where(keep, d * w[None, :, None], torch.zeros((), dtype=d.dtype)).view(grad.shape))
 
 
 def _shard_impl(name: str):
@@ -103,9 +108,8 @@ class _VocabParallelRows(torch.autograd.Function):
         impl = _shard_impl(backend)
         k, v_local = logits.shape[0], logits.shape[-1]
         z = logits.reshape(k, -1, v_local)
-        off = row_offsets(logits)
         row_target = torch.where(active, torch.zeros_like(target), torch.full_like(target, -1))
-        _, _, lse_r, s_r = impl.forward(logits, off, row_target, False, 0.0, False)
+        _, _, lse_r, s_r = impl.forward(logits, row_target, RowsConfig(js=False, label_smoothing=0.0, has_ce=False))
         # Shards whose row is -inf everywhere have lse_r = -inf and s_r = NaN: they contribute 0.
         m = lse_r.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -134,7 +138,7 @@ class _VocabParallelRows(torch.autograd.Function):
         lse = torch.where(active, lse, zero)
         div = stat.mean(0)
         if divergence == "jeffrey":
-            div = div * (k / (k - 1))
+            div = div * jeffrey_factor(k)
         ce = zero.expand_as(div)
         if has_ce:
             ce_k = lse - (1 - eps) * stacked[2] - (eps / v_total) * stacked[3]
@@ -150,16 +154,16 @@ class _VocabParallelRows(torch.autograd.Function):
         k, v_local = logits.shape[0], logits.shape[-1]
         g_div = torch.zeros_like(lse[0]) if g_div is None else g_div.to(lse.dtype)
         if divergence == "jeffrey":
-            g_div = g_div * (k / (k - 1))
+            g_div = g_div * jeffrey_factor(k)
         row_target = torch.where(active, torch.zeros_like(target), torch.full_like(target, -1))
         grad = torch.empty_like(logits)
-        off = row_offsets(logits)
-        _shard_impl(backend).backward(logits, off, row_target, lse, stat, torch.zeros_like(g_div),
-                                       g_div.contiguous(), divergence == "js", 0.0, False, grad, row_offsets(grad))
+        _shard_impl(backend).backward(logits, row_target, lse, stat, torch.zeros_like(g_div), g_div.contiguous(),
+                                      RowsConfig(js=divergence == "js", label_smoothing=0.0, has_ce=False), grad)
         if has_ce and g_ce is not None:
             z = logits.reshape(k, -1, v_local).to(lse.dtype)
             w = torch.where(active, g_ce.to(lse.dtype), torch.zeros((), device=z.device)) / k
             d = (torch.exp(z - lse[..., None]) - eps / v_total) * w[None, :, None]
+            d = torch.where(active[None, :, None], d, torch.zeros((), dtype=d.dtype, device=d.device))
             y_local = target - v_start
             owned = active & (y_local >= 0) & (y_local < v_local)
             rows = owned.nonzero().squeeze(1)
@@ -168,49 +172,44 @@ class _VocabParallelRows(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None, None
 
 
-def _resolve(logits, backend):
-    F._check_choice("backend", backend, ("auto",) + F.BACKENDS)
-    return F._resolve_backend(backend, logits)
+def _check_group(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("vocab_parallel_* needs an initialised torch.distributed process group")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None (the default group), got {type(group).__name__} {group!r}")
 
 
 def vocab_parallel_intra_distillation_loss(
     logits_shard: Tensor, target: Tensor, alpha: float = 1.0, *, divergence: str = "x",
     label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean", group=None,
     backend: str = "auto",
-) -> F.IntraDistillationOutput:
+) -> IntraDistillationOutput:
     """intra_distillation_loss over logits sharded along the vocabulary across `group`.
 
     logits_shard [K, *B, V_local] holds this rank's contiguous slice of the classes (ranks in
     order; shards may differ in size); target [*B] holds global class ids. Every rank gets the
     full loss, and the gradient of its own shard.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("vocab_parallel_* needs an initialised torch.distributed process group")
-    k, batch_shape, v_local = F._check_logits(logits_shard, "logits_shard")
-    F._check_choice("reduction", reduction, F.REDUCTIONS)
-    F._check_choice("divergence", divergence, F.DIVERGENCES)
-    F._check_float("alpha", alpha, 0.0)
-    F._check_float("label_smoothing", label_smoothing, 0.0, 1.0)
+    _check_group(group)
+    k, batch_shape, v_local = check_logits(logits_shard, "logits_shard")
+    opts = check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction)
+    name = pick_backend(backend, logits_shard, k)
     v_start, v_total, _ = _shard_range(v_local, group)
-    target_flat, active = F._check_target(target, batch_shape, v_total, ignore_index, logits_shard.device)
-    name = _resolve(logits_shard, backend)
-    ce_rows, div_rows = _VocabParallelRows.apply(logits_shard, target_flat, active, divergence,
-                                                 float(label_smoothing), True, name, group, v_start, v_total)
-    ce = F._reduce(ce_rows, active, reduction, batch_shape)
-    div = F._reduce(div_rows, active, reduction, batch_shape)
-    return F.IntraDistillationOutput(ce + alpha * div, ce, div)
+    target_flat, active = check_target(target, batch_shape, v_total, opts.ignore_index, logits_shard.device)
+    ce_rows, div_rows = _VocabParallelRows.apply(logits_shard, target_flat, active, opts.divergence,
+                                                 opts.label_smoothing, True, name, group, v_start, v_total)
+    return loss_output(ce_rows, div_rows, active, batch_shape, opts)
 
 
 def vocab_parallel_x_divergence(logits_shard: Tensor, mask: Tensor | None = None, reduction: str = "mean",
                                 group=None, backend: str = "auto") -> Tensor:
     """x_divergence over logits sharded along the vocabulary (see vocab_parallel_intra_distillation_loss)."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("vocab_parallel_* needs an initialised torch.distributed process group")
-    k, batch_shape, _ = F._check_logits(logits_shard, "logits_shard")
-    F._check_choice("reduction", reduction, F.REDUCTIONS)
-    active = F._check_mask(mask, batch_shape, logits_shard.device)
-    name = _resolve(logits_shard, backend)
+    _check_group(group)
+    k, batch_shape, _ = check_logits(logits_shard, "logits_shard")
+    check_choice("reduction", reduction, REDUCTIONS)
+    active = check_mask(mask, batch_shape, logits_shard.device)
+    name = pick_backend(backend, logits_shard, k)
     target = torch.zeros(active.shape, dtype=torch.long, device=logits_shard.device)
     v_start, v_total, _ = _shard_range(logits_shard.shape[-1], group)
     _, div_rows = _VocabParallelRows.apply(logits_shard, target, active, "x", 0.0, False, name, group, v_start, v_total)
-    return F._reduce(div_rows, active, reduction, batch_shape)
+    return reduce_rows(div_rows, active, reduction, batch_shape)

@@ -1,143 +1,24 @@
-"""Public functional API: argument checking, shapes, reductions and dispatch to a backend."""
+"""Public functional API: each loss checks its arguments, picks a backend, computes per-row
+terms and reduces them; the checks, backend choice and reductions live in _core."""
 
 from __future__ import annotations
-
-import numbers
-from typing import NamedTuple
 
 import torch
 
 from . import reference
-from .ops import backend_available, backend_impl
+from ._core import (
+    IntraDistillationOutput, available_backends, check_choice, check_int, check_logits, check_mask,
+    check_loss_options, check_target, check_tensor_arg, host_reads_are_free, jeffrey_factor, loss_output, may_write_in_place,
+    pick_backend, reduce_rows, REDUCTIONS,
+)
+from .ops.fused_linear import ChunkConfig, FusedLinearRows, default_chunk_size
 
 Tensor = torch.Tensor
 
-BACKENDS = ("triton", "cuda", "cpu", "torch")
-REDUCTIONS = ("mean", "sum", "none")
-DIVERGENCES = ("x", "js", "jeffrey")
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class IntraDistillationOutput(NamedTuple):
-    loss: Tensor
-    ce: Tensor
-    divergence: Tensor
-
-
-def available_backends() -> list[str]:
-    """Backends usable in this process, fastest first; "torch" is always there."""
-    return [b for b in BACKENDS if backend_available(b)]
-
-
-# ----------------------------------------------------------------------------- argument checks
-
-def _check_choice(name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_logits(logits, name: str = "logits") -> tuple[int, tuple[int, ...], int]:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {logits.dtype}")
-    if logits.dim() < 2:
-        raise ValueError(f"{name} must have shape [K, *B, V] with the K passes on dim 0, got shape {tuple(logits.shape)}")
-    k, v = logits.shape[0], logits.shape[-1]
-    if k < 2:
-        raise ValueError(f"{name} must hold K >= 2 passes on dim 0, got K = {k} (shape {tuple(logits.shape)})")
-    if v == 0:
-        raise ValueError(f"{name} must have V >= 1 classes on the last dim, got V = 0 (shape {tuple(logits.shape)})")
-    return k, tuple(logits.shape[1:-1]), v
-
-
-def _check_mask(mask, batch_shape, device) -> Tensor:
-    """The kept rows as a bool vector [N]."""
-    n = 1
-    for s in batch_shape:
-        n *= s
-    if mask is None:
-        return torch.ones(n, dtype=torch.bool, device=device)
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a bool torch.Tensor of shape {list(batch_shape)}, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(batch_shape):
-        raise ValueError(f"mask must have the batch shape {list(batch_shape)} of logits [K, *B, V], got {list(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but logits are on {device}")
-    return mask.reshape(-1)
-
-
-def _check_target(target, batch_shape, v: int, ignore_index: int, device) -> tuple[Tensor, Tensor]:
-    """Flat int64 targets [N] and the bool vector of rows that are not ignore_index."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be an integer torch.Tensor of shape {list(batch_shape)}, got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices (torch.long), got {target.dtype}")
-    if tuple(target.shape) != tuple(batch_shape):
-        raise ValueError(f"target must have the batch shape {list(batch_shape)} of logits [K, *B, V], got {list(target.shape)}")
-    if target.device != device:
-        raise ValueError(f"target is on {target.device} but logits are on {device}")
-    if not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    target = target.reshape(-1).long()
-    active = target != ignore_index
-    bad = active & ((target < 0) | (target >= v))
-    if torch.compiler.is_compiling():
-        # A traced graph cannot branch on data; the check becomes an (async) runtime assert.
-        torch._assert_async(~bad.any(), f"target values must lie in [0, {v}) or equal ignore_index={ignore_index}")
-    elif bool(bad.any()):
-        value = int(target[bad][0])
-        raise ValueError(f"target values must lie in [0, {v}) or equal ignore_index={ignore_index}; found {value}")
-    return target, active
-
-
-def _check_float(name: str, value, low: float, high: float | None = None) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {list(value.shape)}")
-        return
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (value >= low and (high is None or value <= high)):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-
-
-def _resolve_backend(backend, logits: Tensor) -> str:
-    _check_choice("backend", backend, ("auto",) + BACKENDS)
-    return _pick_backend(backend, str(logits.device), str(logits.dtype).removeprefix("torch."), int(logits.shape[0]))
-
-
-@torch.compiler.assume_constant_result
-def _pick_backend(backend: str, device: str, dtype_name: str, k: int) -> str:
-    """The backend that runs; a plain function of strings so torch.compile evaluates it once at
-    trace time instead of tracing the import machinery behind it."""
-    probe = torch.empty(0, dtype=getattr(torch, dtype_name), device=device)
-    if backend == "auto":
-        if probe.dtype not in _FUSED_DTYPES:
-            return "torch"
-        for name in ("triton", "cuda") if probe.is_cuda else ("cpu",):
-            if backend_available(name) and backend_impl(name).supports(probe) and k <= _max_passes(name):
-                return name
-        return "torch"
-    if backend == "torch":
-        return backend
-    if not backend_available(backend):
-        raise ValueError(f"backend {backend!r} is not available here; available backends: {available_backends()}")
-    if probe.dtype not in _FUSED_DTYPES:
-        raise TypeError(f"backend {backend!r} takes float32, bfloat16 or float16 logits, got {probe.dtype}; use backend='torch' for it")
-    if not backend_impl(backend).supports(probe):
-        hint = " (set TRITON_INTERPRET=1 to run Triton on CPU tensors)" if backend == "triton" else ""
-        raise ValueError(f"backend {backend!r} cannot run on {device} tensors{hint}")
-    if k > _max_passes(backend):
-        raise ValueError(f"backend {backend!r} supports at most {_max_passes(backend)} passes, got K = {k}")
-    return backend
-
-
-def _max_passes(name: str) -> float:
-    return getattr(backend_impl(name), "max_passes", None) or float("inf")
+__all__ = [
+    "IntraDistillationOutput", "available_backends", "consistency_mse", "fused_linear_intra_distillation_loss",
+    "intra_distillation_loss", "js_divergence", "x_divergence",
+]
 
 
 # ----------------------------------------------------------------------------- row computation
@@ -154,33 +35,26 @@ def _rows(logits, target, active, divergence, label_smoothing, backend, inplace_
 
     row_target = target if target is not None else torch.zeros_like(active, dtype=torch.long)
     row_target = torch.where(active, row_target, -1)
+    # An expanded (stride-0) view shares memory between elements: a gradient written over it
+    # would overwrite itself, so such logits get a fresh gradient buffer.
+    inplace_grad = bool(inplace_grad) and may_write_in_place(logits)
     ce, div, _, _ = fused_rows(
-        logits, row_target, divergence == "js", float(label_smoothing), target is not None,
-        bool(inplace_grad), backend,
+        logits, row_target, divergence == "js", float(label_smoothing), target is not None, inplace_grad, backend,
     )
     if divergence == "jeffrey":
-        div = div * (k / (k - 1))
+        div = div * jeffrey_factor(k)
     return (ce if target is not None else None), div
-
-
-def _reduce(rows: Tensor, active: Tensor, reduction: str, batch_shape) -> Tensor:
-    if reduction == "none":
-        return rows.reshape(batch_shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / active.sum().clamp(min=1).to(total.dtype)
 
 
 # ----------------------------------------------------------------------------- public functions
 
 def _divergence(logits, mask, reduction, backend, divergence, inplace_grad):
-    _, batch_shape, _ = _check_logits(logits)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    active = _check_mask(mask, batch_shape, logits.device)
-    backend = _resolve_backend(backend, logits)
+    k, batch_shape, _ = check_logits(logits)
+    check_choice("reduction", reduction, REDUCTIONS)
+    active = check_mask(mask, batch_shape, logits.device)
+    backend = pick_backend(backend, logits, k)
     _, rows = _rows(logits, None, active, divergence, 0.0, backend, inplace_grad)
-    return _reduce(rows, active, reduction, batch_shape)
+    return reduce_rows(rows, active, reduction, batch_shape)
 
 
 def x_divergence(logits: Tensor, mask: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
@@ -212,19 +86,12 @@ def intra_distillation_loss(
     pairs of the symmetric KL / 2, R-Drop's term; equal to K/(K-1) times X).
     Returns IntraDistillationOutput(loss, ce, divergence) with loss = ce + alpha * divergence.
     """
-    _, batch_shape, v = _check_logits(logits)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_float("alpha", alpha, 0.0)
-    _check_float("label_smoothing", label_smoothing, 0.0, 1.0)
-    if isinstance(label_smoothing, Tensor):
-        label_smoothing = float(label_smoothing)
-    target, active = _check_target(target, batch_shape, v, ignore_index, logits.device)
-    backend = _resolve_backend(backend, logits)
-    ce_rows, div_rows = _rows(logits, target, active, divergence, label_smoothing, backend, inplace_grad)
-    ce = _reduce(ce_rows, active, reduction, batch_shape)
-    div = _reduce(div_rows, active, reduction, batch_shape)
-    return IntraDistillationOutput(ce + alpha * div, ce, div)
+    k, batch_shape, v = check_logits(logits)
+    opts = check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction)
+    target, active = check_target(target, batch_shape, v, opts.ignore_index, logits.device)
+    backend = pick_backend(backend, logits, k)
+    ce_rows, div_rows = _rows(logits, target, active, opts.divergence, opts.label_smoothing, backend, inplace_grad)
+    return loss_output(ce_rows, div_rows, active, batch_shape, opts)
 
 
 def consistency_mse(outputs: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
@@ -239,7 +106,7 @@ def consistency_mse(outputs: Tensor, mask: Tensor | None = None, reduction: str 
         raise TypeError(f"outputs must be a floating-point tensor, got {outputs.dtype}")
     if outputs.dim() < 2 or outputs.shape[0] < 2:
         raise ValueError(f"outputs must have shape [K, *B] or [K, *B, D] with K >= 2 passes on dim 0, got {tuple(outputs.shape)}")
-    _check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
     if mask is not None:
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
@@ -249,7 +116,61 @@ def consistency_mse(outputs: Tensor, mask: Tensor | None = None, reduction: str 
         batch_shape = tuple(mask.shape)
     else:
         batch_shape = tuple(outputs.shape[1:]) if outputs.dim() == 2 else tuple(outputs.shape[1:-1])
-    active = _check_mask(mask, batch_shape, outputs.device)
+    active = check_mask(mask, batch_shape, outputs.device)
     o = outputs.reshape(outputs.shape[0], active.numel(), -1)
     rows = reference.consistency_mse_rows(o, active)
-    return _reduce(rows, active, reduction, batch_shape)
+    return reduce_rows(rows, active, reduction, batch_shape)
+
+
+def fused_linear_intra_distillation_loss(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, alpha: float = 1.0, *,
+    divergence: str = "x", label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+    backend: str = "auto", chunk_size: int | None = None,
+) -> IntraDistillationOutput:
+    """intra_distillation_loss(hidden @ weight.T + bias, target, ...) without materialising the
+    [K, *B, V] logits: same values, same gradients for hidden, weight, bias (and a tensor alpha).
+
+    hidden [K, *B, H]; weight [V, H]; bias [V] or None; chunk_size: tokens per chunk (default
+    from the free memory). When only `loss` is differentiated (reduction "mean" or "sum"), the
+    gradients are computed during the forward, chunk by chunk, and backward only scales them.
+    """
+    k, batch_shape, hdim = check_logits(hidden, "hidden")
+    check_tensor_arg("weight", weight, hidden.device)
+    if bias is not None:
+        check_tensor_arg("bias", bias, hidden.device)
+    if weight.dim() != 2 or weight.shape[1] != hdim or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [V, H] with H = {hdim} (hidden's last dim) and V >= 1, got {list(weight.shape)}")
+    v = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape [V] = [{v}], got {list(bias.shape)}")
+    opts = check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
+    target_flat, active = check_target(target, batch_shape, v, opts.ignore_index, hidden.device)
+    # The GEMM's output is fp32 (float64 for float64): that is what the row kernels read.
+    logits_like = hidden.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    backend = pick_backend(backend, logits_like, k)
+
+    h = hidden.reshape(k, -1, hdim)
+    rows_target = torch.where(active, target_flat, -1)
+    keep = None
+    if host_reads_are_free(hidden.device):
+        # Ignored tokens are dropped before any GEMM. (On an accelerator that would need their
+        # count on the host, a synchronisation per call: there they are computed and zeroed.)
+        keep = active.nonzero().squeeze(1)
+        h, rows_target = h[:, keep], rows_target[keep]
+    m = h.shape[1]
+    rows_dtype = logits_like.dtype
+    alpha_t = opts.alpha.to(rows_dtype) if isinstance(opts.alpha, Tensor) else torch.full((), opts.alpha, dtype=rows_dtype, device=hidden.device)
+    count = active.sum().clamp(min=1).to(rows_dtype)
+    scale = 1.0 / count if opts.reduction == "mean" else torch.ones((), dtype=rows_dtype, device=hidden.device)
+    early = opts.reduction != "none" and torch.is_grad_enabled()
+    cfg = ChunkConfig(opts.divergence, opts.label_smoothing, backend,
+                      chunk_size or default_chunk_size(k, max(m, 1), v, hidden.device))
+    ce_rows, div_rows, loss = FusedLinearRows.apply(h, weight, bias, alpha_t, scale, rows_target, cfg, early)
+    if opts.reduction == "none":
+        if keep is not None:
+            zeros = ce_rows.new_zeros(active.numel())
+            ce_rows, div_rows = zeros.index_put((keep,), ce_rows), zeros.index_put((keep,), div_rows)
+        return loss_output(ce_rows, div_rows, active, batch_shape, opts)
+    return IntraDistillationOutput(loss, scale * ce_rows.sum(), scale * div_rows.sum())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
+from ._core import DIVERGENCES, REDUCTIONS, check_choice
 
 
 class XDivergenceLoss(torch.nn.Module):
@@ -12,8 +13,8 @@ class XDivergenceLoss(torch.nn.Module):
 
     def __init__(self, reduction: str = "mean", backend: str = "auto", divergence: str = "x"):
         super().__init__()
-        F._check_choice("reduction", reduction, F.REDUCTIONS)
-        F._check_choice("divergence", divergence, ("x", "js"))
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("divergence", divergence, ("x", "js"))
         self.reduction, self.backend, self.divergence = reduction, backend, divergence
 
     def forward(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,8 +29,8 @@ class IntraDistillationLoss(torch.nn.Module):
     def __init__(self, alpha=1.0, *, divergence: str = "x", label_smoothing: float = 0.0,
                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        F._check_choice("divergence", divergence, F.DIVERGENCES)
-        F._check_choice("reduction", reduction, F.REDUCTIONS)
+        check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("reduction", reduction, REDUCTIONS)
         self.alpha, self.divergence, self.label_smoothing = alpha, divergence, label_smoothing
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
@@ -46,3 +47,20 @@ class IntraDistillationLoss(torch.nn.Module):
             divergence=self.divergence, label_smoothing=self.label_smoothing,
             ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
         )
+
+
+class FusedLinearIntraDistillationLoss(torch.nn.Module):
+    """Module form of fused_linear_intra_distillation_loss; forward(hidden, weight, target, bias=None)."""
+
+    def __init__(self, alpha: float = 1.0, *, divergence: str = "x", label_smoothing: float = 0.0,
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto", chunk_size: int | None = None):
+        super().__init__()
+        check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.alpha, self.kwargs = alpha, dict(divergence=divergence, label_smoothing=label_smoothing,
+                                              ignore_index=ignore_index, reduction=reduction, backend=backend,
+                                              chunk_size=chunk_size)
+
+    def forward(self, hidden, weight, target, bias=None, *, alpha=None) -> F.IntraDistillationOutput:
+        return F.fused_linear_intra_distillation_loss(hidden, weight, target, bias,
+                                                      self.alpha if alpha is None else alpha, **self.kwargs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import backend_impl
-from .rows import row_offsets
+from .backend import RowsConfig
 
 Tensor = torch.Tensor
 
@@ -22,8 +22,7 @@ def fused_rows(
     logits: Tensor, target: Tensor, js: bool, label_smoothing: float, has_ce: bool,
     inplace_grad: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = backend_impl(backend)
-    return impl.forward(logits, row_offsets(logits), target, js, label_smoothing, has_ce)
+    return tuple(backend_impl(backend).forward(logits, target, RowsConfig(js, label_smoothing, has_ce)))
 
 
 @fused_rows.register_fake
@@ -40,10 +39,7 @@ def fused_rows_backward(
     js: bool, label_smoothing: float, has_ce: bool, backend: str,
 ) -> Tensor:
     grad = torch.empty_like(logits)
-    backend_impl(backend).backward(
-        logits, row_offsets(logits), target, lse, stat, g_ce, g_div, js, label_smoothing, has_ce,
-        grad, row_offsets(grad),
-    )
+    backend_impl(backend).backward(logits, target, lse, stat, g_ce, g_div, RowsConfig(js, label_smoothing, has_ce), grad)
     return grad
 
 
@@ -59,10 +55,7 @@ def fused_rows_backward_(
 ) -> None:
     """Writes the gradient over the logits themselves (each element is read before it is written,
     by the same program), saving a [K, *B, V] buffer."""
-    off = row_offsets(logits)
-    backend_impl(backend).backward(
-        logits, off, target, lse, stat, g_ce, g_div, js, label_smoothing, has_ce, logits, off,
-    )
+    backend_impl(backend).backward(logits, target, lse, stat, g_ce, g_div, RowsConfig(js, label_smoothing, has_ce), logits)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,23 +1,26 @@
-"""Launchers of the Triton kernels, with the backend interface shared by every fused backend.
+"""Launchers of the Triton kernels: the "triton" fused backend (interface: ops/backend.py).
 
-    forward(logits, row_off, target, js, label_smoothing, has_ce) -> (ce_row, div_row, lse, stat)
-    backward(logits, row_off, target, lse, stat, g_ce, g_div, js, label_smoothing, has_ce,
-             grad, grad_row_off) -> None    (writes grad; grad may be logits itself)
-
-logits is any strided [K, *B, V] tensor, row_off int64 [N] the element offset of row n of pass 0
-(see ops.rows.row_offsets), target int64 [N] with -1 at inactive rows. ce_row and div_row are fp32
-[N]; lse and stat fp32 [K, N] (stat is s_k for the X form, KL(p_k ‖ p̄) for JS).
+One program per token; element offsets of the rows come from ops.rows.row_offsets, so any
+strided view is read without a copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
+from ..backend import RowsConfig, RowStats
+from ..rows import row_offsets
+
 # fp32 values a thread holds per [K_PAD, BLOCK_V] temporary; above this the compiler spills.
 VALUES_PER_THREAD = 64
 NUM_WARPS = 8
+
+
+# Any K: a token's rows are one [K_PAD, BLOCK_V] tile whose width shrinks as K grows.
+max_passes = None
 
 
 def is_available() -> bool:
@@ -70,36 +73,43 @@ def row_alignment(*tensors) -> int:
     return align
 
 
-def forward(logits, row_off, target, js, label_smoothing, has_ce):
+def _on_device(t: torch.Tensor):
+    """Launch on t's own GPU (Triton launches on the current device otherwise)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _constants(cfg: RowsConfig, k: int, v: int, element_size: int) -> dict:
+    return dict(HAS_CE=cfg.has_ce, SMOOTH=cfg.smooth, JS=cfg.js, **launch_config(k, v, element_size))
+
+
+def forward(logits: torch.Tensor, target: torch.Tensor, cfg: RowsConfig) -> RowStats:
     from .kernels import _forward_kernel
 
     k, v = logits.shape[0], logits.shape[-1]
-    n = row_off.numel()
+    n = target.numel()
     f32 = dict(device=logits.device, dtype=torch.float32)
-    ce_row, div_row = torch.empty(n, **f32), torch.empty(n, **f32)
-    lse, stat = torch.empty(k, n, **f32), torch.empty(k, n, **f32)
+    out = RowStats(torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(k, n, **f32), torch.empty(k, n, **f32))
     if n == 0:
-        return ce_row, div_row, lse, stat
-    _forward_kernel[(n,)](
-        logits, row_off, target, ce_row, div_row, lse, stat,
-        n, v, logits.stride(0), logits.stride(-1), float(label_smoothing),
-        HAS_CE=bool(has_ce), SMOOTH=bool(has_ce and label_smoothing > 0), JS=bool(js),
-        ALIGN=row_alignment(logits), **launch_config(k, v, logits.element_size()),
-    )
-    return ce_row, div_row, lse, stat
+        return out
+    with _on_device(logits):
+        _forward_kernel[(n,)](
+            logits, row_offsets(logits), target, *out,
+            n, v, logits.stride(0), logits.stride(-1), cfg.label_smoothing,
+            ALIGN=row_alignment(logits), **_constants(cfg, k, v, logits.element_size()),
+        )
+    return out
 
 
-def backward(logits, row_off, target, lse, stat, g_ce, g_div, js, label_smoothing, has_ce, grad, grad_row_off):
+def backward(logits, target, lse, stat, g_ce, g_div, cfg: RowsConfig, grad) -> None:
     from .kernels import _backward_kernel
 
     k, v = logits.shape[0], logits.shape[-1]
-    n = row_off.numel()
+    n = target.numel()
     if n == 0:
         return
-    _backward_kernel[(n,)](
-        logits, row_off, target, lse, stat, g_ce, g_div, grad, grad_row_off,
-        n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1),
-        float(label_smoothing),
-        HAS_CE=bool(has_ce), SMOOTH=bool(has_ce and label_smoothing > 0), JS=bool(js),
-        ALIGN=row_alignment(logits, grad), **launch_config(k, v, logits.element_size()),
-    )
+    with _on_device(logits):
+        _backward_kernel[(n,)](
+            logits, row_offsets(logits), target, lse, stat, g_ce, g_div, grad, row_offsets(grad),
+            n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1), cfg.label_smoothing,
+            ALIGN=row_alignment(logits, grad), **_constants(cfg, k, v, logits.element_size()),
+        )
