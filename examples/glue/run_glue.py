@@ -101,6 +101,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
+    from intradistill_kernels._progress import is_terminal
     from intradistill_kernels.integrations.transformers import IntraDistillationArguments, IntraDistillationTrainer
 
     transformers.set_seed(args.seed)
@@ -130,7 +131,9 @@ def main(argv=None):
         output_dir=str(out_dir), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps, eval_strategy=strategy,
         eval_steps=args.eval_steps, logging_steps=args.logging_steps, save_strategy="no", report_to=[],
-        seed=args.seed, use_cpu=not torch.cuda.is_available())
+        seed=args.seed, use_cpu=not torch.cuda.is_available(),
+        # off a terminal the Trainer's bars would fill the log; it then prints the logging_steps lines only
+        disable_tqdm=not is_terminal())
     optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr)  # the paper fine-tunes GLUE with Adamax
     common = dict(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
                   data_collator=transformers.DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from intradistill_kernels import AdaptiveAlpha, fused_linear_intra_distillation_loss, intra_distillation_loss
+from intradistill_kernels._progress import progress_bar
 
 from . import data as data_lib
 from .model import ModelConfig, Seq2SeqTransformer
@@ -195,7 +195,7 @@ def translate(model, sp, examples, beam: int, device, max_tokens: int, progress:
     model.eval()
     out = [None] * len(examples)
     batches = make_batches([(s, s) for s, _ in examples], max_tokens, None)
-    for idx in tqdm(batches, desc="beam search", disable=not progress, leave=False):
+    for idx in progress_bar(batches, desc="beam search", enabled=progress, leave=False):
         src = [examples[i][0] for i in idx]
         s = torch.full((len(idx), max(map(len, src))), 0, dtype=torch.long)
         for r, a in enumerate(src):
@@ -278,7 +278,7 @@ def run(args) -> dict:
 
     history, step, epoch, tokens_seen = [], 0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(total=args.max_steps, desc=args.method, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=args.max_steps, desc=args.method, enabled=progress, dynamic_ncols=True)
     model.train()
     while step < args.max_steps:
         batches = make_batches(train, args.max_tokens, seed=args.seed * 1000 + epoch)[rank::world]

@@ -56,11 +56,14 @@ def load_model(auto_cls, name: str, **config_kw):
 
 def make_trainer(args, model, train_set, collator, out_dir):
     import transformers
+    from intradistill_kernels._progress import is_terminal
     from intradistill_kernels.integrations.transformers import IntraDistillationArguments, IntraDistillationTrainer
     targs = transformers.TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps, logging_steps=args.logging_steps,
-        save_strategy="no", report_to=[], seed=args.seed, warmup_steps=0.1, use_cpu=not torch.cuda.is_available())
+        save_strategy="no", report_to=[], seed=args.seed, warmup_steps=0.1, use_cpu=not torch.cuda.is_available(),
+        # off a terminal the Trainer's bars would fill the log; it then prints the logging_steps lines only
+        disable_tqdm=not is_terminal())
     common = dict(model=model, args=targs, train_dataset=train_set, data_collator=collator)
     if args.method == "baseline":
         return transformers.Trainer(**common)
