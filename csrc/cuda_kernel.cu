@@ -1,4 +1,4 @@
-// CUDA kernels of the fused K-pass loss (DESIGN.md §1), the same algorithm as the Triton and CPU
+// CUDA kernels of the fused K-pass loss (docs/design.md §1.9), the same algorithm as the Triton and CPU
 // kernels. One thread block per token; each thread owns groups of 16 bytes of consecutive classes
 // and reads the K passes of its group together (z̄ and p̄ need them), keeping a thread-local
 // online max / sum-exp / Σe·d per pass. The block then combines the per-thread states: a max

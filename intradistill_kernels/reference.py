@@ -2,7 +2,7 @@
 
 Every formula here is written the way the paper states it (both KL directions, log p̄ from the
 probabilities), not in the kernels' log-free form, so that tests comparing the kernels with this
-module check the algebra of DESIGN.md §1 as well as the code.
+module check the algebra of docs/design.md §1 as well as the code.
 
 All functions take logits [K, N, V] and a bool vector `active` [N] and return per-row values [N]
 (0 at inactive rows). Inactive rows are replaced by zeros before any arithmetic (rather than

@@ -46,7 +46,7 @@ def reference_of(logits: torch.Tensor, call, weights):
 
 def assert_close_values(got, want, dtype):
     # The kernels accumulate in fp32 whatever the input dtype; 16-bit inputs get the looser bound
-    # DESIGN.md §5 sets for them. The absolute part covers values that cancel to ~0 (V = 1).
+    # docs/design.md §5.3 sets for them. The absolute part covers values that cancel to ~0 (V = 1).
     rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-3, 1e-4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True)
