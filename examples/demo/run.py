@@ -70,15 +70,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- training runs
 
-def _worker(method, seed, regime, data, device, threads, save_to, updates):
+def _worker(method, seed, regime, data, device, threads, run_dir, save_model, updates):
     torch.set_num_threads(threads)
     result = finetune.run(method, seed, regime, data, device=device, progress=False,
-                          keep_model=save_to is not None, on_step=updates.put if updates else None)
-    if save_to is not None:
-        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result.pop("model").state_dict(), save_to)  # the best checkpoint
+                          keep_model=save_model, on_step=updates.put if updates else None)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if save_model:
+        torch.save(result.pop("model").state_dict(), run_dir / "best.pt")
         result.pop("final_model")
-        result["checkpoint"] = str(save_to)
+        result["checkpoint"] = str(run_dir / "best.pt")
+    # written as soon as the run ends: a long demo interrupted later keeps what it measured
+    (run_dir / "report.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -93,11 +96,10 @@ def train_all(opts, data) -> list[dict]:
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     with ctx.Manager() as manager, ProcessPoolExecutor(min(opts.jobs, len(jobs)), mp_context=ctx) as pool:
         updates = manager.Queue()
-        futures = [pool.submit(_worker, m, s, opts.regime, data, opts.device, threads,
-                               None if opts.no_sensitivity or s != opts.seeds[0] else out / f"{m}-seed{s}" / "best.pt",
-                               updates) for m, s in jobs]
+        futures = [pool.submit(_worker, m, s, opts.regime, data, opts.device, threads, out / f"{m}-seed{s}",
+                               not opts.no_sensitivity and s == opts.seeds[0], updates) for m, s in jobs]
         bar = progress_bar(total=len(jobs) * opts.regime.steps, desc=f"{len(jobs)} runs, {opts.regime.steps} steps each",
-                           enabled=False if opts.no_progress else None, dynamic_ncols=True)
+                           enabled=not opts.no_progress, dynamic_ncols=True)
         while not all(f.done() for f in futures):
             try:
                 bar.update(updates.get(timeout=0.5))
@@ -230,9 +232,6 @@ def main(argv=None) -> int:
           f"({regime.epochs:g} epochs) per run; seeds {opts.seeds}", flush=True)
 
     results = train_all(opts, data)
-    for r in results:
-        (out / f"{r['method']}-seed{r['seed']}").mkdir(parents=True, exist_ok=True)
-        (out / f"{r['method']}-seed{r['seed']}" / "report.json").write_text(json.dumps(r, indent=1))
     table = summary_table(results)
     (out / "summary.md").write_text(table)
     (out / "summary.json").write_text(json.dumps({"regime": asdict(regime), "seeds": opts.seeds, "runs": results},

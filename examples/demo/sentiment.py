@@ -88,12 +88,17 @@ def load_model(num_labels: int, layers: int | None = None):
     if layers is not None:
         overrides["num_hidden_layers"] = layers
     config = transformers.AutoConfig.from_pretrained(path, **overrides)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the fresh head and dropped layers are intended
+    hf_logging = transformers.utils.logging
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    # The fresh head and dropped layers are intended, and a loading bar per run clutters the log.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         return transformers.AutoModelForSequenceClassification.from_pretrained(path, config=config)
     finally:
-        transformers.logging.set_verbosity(verbosity)
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def encode(tokenizer, rows, max_length: int) -> list[tuple[list[int], int]]:
