@@ -76,3 +76,16 @@ def test_metric_helpers_against_hand_computed_values():
     squad = _load("examples/xtreme/squad_metrics.py")
     assert squad.squad_scores({"a": "The Black Sea."}, {"a": ["black sea"]}) == {"exact_match": 100.0, "f1": 100.0}
     assert squad.token_f1("in the Alps", "Alps mountains") == pytest.approx(0.5)
+
+
+def test_llm_sft_offline_writes_results(tmp_path):
+    """examples/llm/sft.py offline: tiny Llama, real de-en instructions, IntraDistillationSFTTrainer."""
+    pytest.importorskip("trl")
+    from examples.llm import sft
+
+    result = sft.main(["--model", "tiny", "--max-steps", "3", "--logging-steps", "1", "--batch-size", "4",
+                       "--train-samples", "64", "--eval-samples", "8", "--passes", "2", "--output-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "tiny-intra-distillation" / "results.json").read_text())
+    assert saved["steps"] == 3 and saved["train_rows"] == 64 and saved["eval_rows"] == 8
+    assert len(saved["train_log"]) == 3 and all(h["divergence"] > 0 for h in saved["train_log"])
+    assert 0 < saved["eval_loss"] < 20 and result["eval_loss"] == saved["eval_loss"]
