@@ -1,5 +1,5 @@
 """Loader of the C++ extension (csrc/): the "cpu" backend and, where torch has CUDA and nvcc is
-found, the "cuda" backend. Both implement the interface of ops/triton/__init__.py.
+found, the "cuda" backend. Both implement the interface of ops/backend.py.
 
 Each part of the extension comes from one of two builds (ops/extension_spec.py describes both):
 - ahead of time, at install time (INTRADISTILL_BUILD_EXT=1 pip install --no-build-isolation .):
@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from . import extension_spec as spec
+from .backend import RowsConfig, RowStats
+from .rows import row_offsets
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 CSRC = PACKAGE_DIR.parent / "csrc"
@@ -219,12 +221,13 @@ class _Backend:
             self.is_available()
         return _state.get(f"{self.kind}_max_passes")  # type: ignore[return-value]
 
-    def forward(self, logits, row_off, target, js, label_smoothing, has_ce):
-        return torch.ops.intradistill_cpp.forward(logits, row_off, target, bool(js), float(label_smoothing), bool(has_ce))
+    def forward(self, logits, target, cfg: RowsConfig) -> RowStats:
+        return RowStats(*torch.ops.intradistill_cpp.forward(
+            logits, row_offsets(logits), target, cfg.js, cfg.label_smoothing, cfg.has_ce))
 
-    def backward(self, logits, row_off, target, lse, stat, g_ce, g_div, js, label_smoothing, has_ce, grad, grad_row_off):
-        torch.ops.intradistill_cpp.backward(logits, row_off, target, lse, stat, g_ce, g_div, bool(js),
-                                            float(label_smoothing), bool(has_ce), grad, grad_row_off)
+    def backward(self, logits, target, lse, stat, g_ce, g_div, cfg: RowsConfig, grad) -> None:
+        torch.ops.intradistill_cpp.backward(logits, row_offsets(logits), target, lse, stat, g_ce, g_div, cfg.js,
+                                            cfg.label_smoothing, cfg.has_ce, grad, row_offsets(grad))
 
 
 cpu_backend = _Backend("cpu")
