@@ -5,11 +5,18 @@ Tensors (all on the logits' device):
   target  int64 [N], N = prod(*B): the class of row n, or -1 where the row is inactive
   lse     fp32 [K, N]: each pass's log-sum-exp, saved by forward for backward
   stat    fp32 [K, N]: s_k = <p_k, z_k - z̄> for the X form, KL(p_k ‖ p̄) for JS
-  g_ce, g_div  fp32 [N]: the weight of row n's mean cross-entropy and divergence in the
-          quantity being differentiated (what autograd hands back for the per-row outputs)
+  weights RowWeights: the weight of each row's terms in the quantity being differentiated
+          (what autograd hands back for the per-row outputs, or, for the one-pass forward, what
+          the reduction will hand back)
   grad    a [K, *B, V] tensor of the logits' dtype the gradient is written into; it may be the
           logits themselves (each element is read before it is written, by the same program)
 Inactive rows produce zeros everywhere, whatever their logits hold.
+
+Every statistic is taken on the transformed logits t = softcap·tanh(logit_scale·z / softcap)
+(t = logit_scale·z without softcap; −inf stays −inf). The gradient written for row n is, with
+p_k = softmax(t_k), ε the label smoothing and w the row's weights (docs/design.md §1.11):
+    (w.ce/K)·(p_k − (1−ε)·onehot(y) − ε/V) + w.div·∂D/∂t_k + (w.z/K)·2·lse_k·p_k
+times dt/dz = logit_scale·(1 − (t/softcap)²) (logit_scale without softcap), 0 where t = −inf.
 """
 
 from __future__ import annotations
@@ -28,10 +35,25 @@ class RowsConfig:
     js: bool = False              # divergence (1/K) Σ KL(p_k ‖ p̄) instead of the X form
     label_smoothing: float = 0.0  # torch's convention: target (1 - ε)·onehot + ε/V
     has_ce: bool = True           # also compute each pass's cross-entropy
+    logit_scale: float = 1.0      # t = logit_scale·z before anything else
+    softcap: float = 0.0          # > 0: t = softcap·tanh(t / softcap) (Gemma 2/3); 0: off
 
     @property
     def smooth(self) -> bool:
         return self.has_ce and self.label_smoothing > 0
+
+
+class RowWeights(NamedTuple):
+    ce: Tensor            # fp32 [N]: weight of the row's mean cross-entropy (1/K) Σ_k CE_k
+    div: Tensor           # fp32 [N]: weight of the row's divergence (X, or JS with cfg.js)
+    z: Tensor | None      # fp32 [N]: weight of the row's (1/K) Σ_k lse_k²; None: no z term
+
+
+class EarlyGrad(NamedTuple):
+    """The one-pass forward's request: write the gradient with these weights while the token's
+    rows are still on chip / in cache, so that backward has nothing left to read."""
+    weights: RowWeights
+    grad: Tensor          # [K, *B, V] of the logits' dtype; may be the logits themselves
 
 
 class RowStats(NamedTuple):
@@ -49,7 +71,8 @@ class FusedBackend(Protocol):
     def supports(self, t: Tensor) -> bool:
         """Whether the kernels run on tensors of t's device."""
 
-    def forward(self, logits: Tensor, target: Tensor, cfg: RowsConfig) -> RowStats: ...
+    def forward(self, logits: Tensor, target: Tensor, cfg: RowsConfig, early: EarlyGrad | None = None) -> RowStats:
+        """Each row's statistics; with `early`, also its gradient, written in the same sweep."""
 
-    def backward(self, logits: Tensor, target: Tensor, lse: Tensor, stat: Tensor, g_ce: Tensor,
-                 g_div: Tensor, cfg: RowsConfig, grad: Tensor) -> None: ...
+    def backward(self, logits: Tensor, target: Tensor, lse: Tensor, stat: Tensor, weights: RowWeights,
+                 cfg: RowsConfig, grad: Tensor) -> None: ...
