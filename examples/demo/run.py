@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     threads = results[0]["threads"]
     print(f"\n{TASK_NAMES[regime.task]} on real movie-review snippets (vaderSentiment 3.3.2), all-MiniLM-L6-v2, "
           f"{len(data['train'])} training / {len(data['valid'])} validation / {len(data['test'])} test snippets, "
-          f"{regime.steps} steps each, dropout 0.1, seeds {opts.seeds}; test accuracy of the checkpoint with the "
+          f"{regime.steps} steps each, dropout {results[0]['dropout']:g}, seeds {opts.seeds}; test accuracy of the checkpoint with the "
           f"lowest validation loss and of the last one; mean ± sd over seeds "
           f"({min(opts.jobs, len(results))} runs at a time, {threads} thread(s) each):\n")
     print(table)
