@@ -1,31 +1,87 @@
-"""Shared helpers of the test suite: the float64 reference run and tolerance checks."""
+"""Shared helpers of the test suite: the device axis, the float64 reference run and the tolerance
+checks (one table per dtype)."""
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
 import intradistill_kernels as idk
+from intradistill_kernels import reference
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-
-def fused_backends() -> list[str]:
-    return [b for b in idk.available_backends() if b != "torch" and b != "cuda"]
-
-
-def all_backends() -> list[str]:
-    return [b for b in idk.available_backends() if b != "cuda"]
+# cpu everywhere; cuda where a GPU exists (there Triton is compiled, not interpreted: conftest.py).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def random_logits(shape, dtype=torch.float32, scale=3.0, generator=None) -> torch.Tensor:
-    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+@dataclass(frozen=True)
+class Tolerance:
+    """Bounds of a result against the float64 reference on the same (rounded) input values.
+
+    value_rtol/value_atol: each output value. grad_rel: every gradient element, relative to the
+    largest |gradient| (the kernels accumulate in fp32; 16-bit gradients are also rounded when
+    stored). eager_rtol/eager_atol: the elementwise 16-bit criterion on gradients,
+    |ours - exact| <= |torch eager in the same dtype - exact| + eager_rtol * |exact| + eager_atol * max|exact|.
+    """
+    value_rtol: float
+    value_atol: float
+    grad_rel: float
+    eager_rtol: float | None = None
+    eager_atol: float | None = None
 
 
-def upstream(reduction: str, batch_shape, generator=None) -> torch.Tensor:
+# The absolute parts cover values and gradients that cancel to ~0 (V = 1). The 16-bit eager bound
+# is one unit in the last place of the stored gradient: rounding to it costs half of one.
+TOLERANCES = {
+    torch.float32: Tolerance(1e-5, 1e-6, 2e-5),
+    torch.bfloat16: Tolerance(1e-3, 1e-4, 1e-2, eager_rtol=2.0**-7, eager_atol=1e-6),
+    torch.float16: Tolerance(1e-3, 1e-4, 2e-3, eager_rtol=2.0**-10, eager_atol=1e-6),
+}
+
+
+def backends_on(device: str, *, fused_only: bool = False) -> list[str]:
+    """The backends that take tensors on `device`: on cpu as before (the interpreter's Triton
+    where no GPU exists, the C++ cpu kernel, torch); on cuda compiled Triton, the CUDA kernel
+    and torch."""
+    names = idk.available_backends()
+    if device == "cuda":
+        keep = [b for b in names if b in ("triton", "cuda", "torch")]
+    else:
+        keep = [b for b in names if b != "cuda" and (b != "triton" or not torch.cuda.is_available())]
+    return [b for b in keep if b != "torch"] if fused_only else keep
+
+
+def fused_backends(device: str = "cpu") -> list[str]:
+    return backends_on(device, fused_only=True)
+
+
+def all_backends(device: str = "cpu") -> list[str]:
+    return backends_on(device)
+
+
+def device_backend_params(*, fused_only: bool = False):
+    """(device, backend) pairs for pytest.mark.parametrize("device,backend", ...)."""
+    import pytest
+
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_on(d, fused_only=fused_only)]
+
+
+def random_logits(shape, dtype=torch.float32, scale=3.0, generator=None, device="cpu") -> torch.Tensor:
+    # Drawn on the CPU from the seeded generator, so every device sees the same values.
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def upstream(reduction: str, batch_shape, generator=None, device="cpu") -> torch.Tensor:
     """A gradient that is not 1: random weights per row for "none", a random scalar otherwise."""
     if reduction == "none":
-        return torch.rand(batch_shape, generator=generator, dtype=torch.float64) * 2 + 0.25
-    return torch.rand((), generator=generator, dtype=torch.float64) * 2 + 0.25
+        w = torch.rand(batch_shape, generator=generator, dtype=torch.float64) * 2 + 0.25
+    else:
+        w = torch.rand((), generator=generator, dtype=torch.float64) * 2 + 0.25
+    return w.to(device)
 
 
 def loss_and_grad(logits: torch.Tensor, call, weights):
@@ -44,18 +100,48 @@ def reference_of(logits: torch.Tensor, call, weights):
     return loss_and_grad(logits.detach().double(), call, weights)
 
 
+@contextlib.contextmanager
+def eager_in_input_dtype():
+    """Backend "torch" computing in the input's own dtype (it upcasts 16-bit inputs to fp32
+    otherwise): what a user's eager 16-bit loss gets, the yardstick of the 16-bit criterion."""
+    with mock.patch.object(reference, "_compute_dtype", lambda dtype: dtype):
+        yield
+
+
+def eager_of(logits: torch.Tensor, call, weights):
+    """Outputs and gradient of `call` run eagerly in the logits' dtype."""
+    with eager_in_input_dtype():
+        return loss_and_grad(logits, call, weights)
+
+
 def assert_close_values(got, want, dtype):
-    # The kernels accumulate in fp32 whatever the input dtype; 16-bit inputs get the looser bound
-    # docs/design.md §5.3 sets for them. The absolute part covers values that cancel to ~0 (V = 1).
-    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-3, 1e-4)
+    tol = TOLERANCES[dtype]
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True)
+        torch.testing.assert_close(g, w, rtol=tol.value_rtol, atol=tol.value_atol, equal_nan=True)
 
 
-def assert_close_grads(got: torch.Tensor, want: torch.Tensor, dtype):
+def assert_close_grads(got: torch.Tensor, want: torch.Tensor, dtype, eager: torch.Tensor | None = None):
+    """`want` is the float64 gradient on the same input values. For 16-bit inputs with `eager`
+    (the gradient of torch eager in that dtype) each element is also held to the criterion of
+    TOLERANCES: no worse than eager plus about one unit in the last place."""
     assert got.dtype == dtype, f"gradient dtype {got.dtype}, expected {dtype}"
     assert got.shape == want.shape
+    tol = TOLERANCES[dtype]
     scale = float(want.abs().max()) if want.numel() else 1.0
-    # fp32 kernels accumulate in fp32; the 16-bit ones also round the stored gradient.
-    rel = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    torch.testing.assert_close(got.double(), want, rtol=rel, atol=rel * max(scale, 0.01))  # floor: gradients that cancel to 0 (V = 1)
+    torch.testing.assert_close(got.double(), want, rtol=tol.grad_rel, atol=tol.grad_rel * max(scale, 0.01))
+    if eager is not None and tol.eager_rtol is not None:
+        assert_within_eager_error(got, want, eager, tol.eager_rtol, tol.eager_atol * max(scale, 1e-30))
+
+
+def assert_within_eager_error(got: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor, rtol: float, atol: float):
+    """|got - exact| <= |eager - exact| + rtol * |exact| + atol, elementwise (cut-cross-entropy's
+    criterion for 16-bit results); non-finite elements must agree with exact."""
+    got, exact, eager = got.double(), exact.double(), eager.double()
+    finite = torch.isfinite(exact)
+    assert torch.equal(torch.isfinite(got), finite), "non-finite elements differ from the float64 result"
+    err = (got - exact).abs()[finite]
+    bound = ((eager - exact).abs().nan_to_num(float("inf")) + rtol * exact.abs() + atol)[finite]
+    bad = err > bound
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} of {err.numel()} elements beyond torch eager's error + tolerance; "
+        f"worst excess {float((err - bound).max()):.3g} at |exact| {float(exact.abs()[finite][(err - bound).argmax()]):.3g}")
