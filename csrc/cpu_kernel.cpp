@@ -1,4 +1,5 @@
-// CPU kernel of the fused K-pass loss (DESIGN.md §1): the same algorithm as the Triton kernels.
+// CPU kernel of the fused K-pass loss: the same algorithm as the Triton kernels (reference.py is the
+// specification it is tested against).
 //
 // One token per task (at::parallel_for over rows). Its K rows are read a chunk of CHUNK classes
 // at a time into a float buffer, so every inner loop runs over contiguous floats in LANES-wide
@@ -8,7 +9,16 @@
 // loss on a CPU.
 //
 // Addressing: element (k, n, v) is at data + row_off[n] + k * stride_k + v * stride_v, so any
-// strided [K, *B, V] view is read in place. target[n] < 0 marks an inactive row.
+// strided [K, *B, V] view is read in place. Every index and stride is int64: a pass stride times K
+// passes beyond 2^31 elements is an ordinary LLM shape ([3, 8373, 128256]). target[n] < 0 marks an
+// inactive row.
+//
+// Precision: a common offset c of the logits leaves every result unchanged, and the kernels keep it
+// so by cancelling c in differences of two nearby floats, which are exact (Sterbenz): z − m_k for
+// the softmax, z − max_k z per class for z − z̄, m_k − z_k[y] and z − z_k[y] for cross-entropy,
+// (z − m_k) − log S_k for log p_k. Forming z̄ or lse_k first rounds at c's magnitude (c = 1e4: 1e-3
+// absolute, 5e-4 relative in X and CE). The saved lse_k is one float, so the backward's
+// p_k = exp(z − lse_k) carries its rounding, a relative error of at most 2^-24·|lse_k|.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,8 +42,9 @@ constexpr int LANES = 16;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // exp(x) with ~1 ulp error, vectorisable: 2^n * p(r) with Cody-Waite reduction (Cephes
-// coefficients). exp(-inf) and anything below the float range is exactly 0, which the kernels
-// rely on to recognise classes at -inf; NaN stays NaN.
+// coefficients). Below -87 the result is 0 (no subnormals): nothing may decide that a class is at
+// -inf from exp(z - m) == 0, which a finite class 88 below its pass's max also gives; the X form
+// counts the -inf logits themselves (infinite_count). NaN stays NaN.
 inline float fast_exp(float x) {
   float xc = std::min(std::max(x, -87.0f), 88.0f);
   float n = std::floor(xc * 1.44269504088896341f + 0.5f);
@@ -87,6 +98,37 @@ inline float lane_sum(const float* acc) {
   float s = 0.0f;
   for (int j = 0; j < LANES; ++j) s += acc[j];
   return s;
+}
+
+// z − z̄ is formed as t − t̄ with t = z − max_k z per class: exact where the K logits of a class are
+// close, however large they are (z̄ itself would round at their size). Fills ref (max_k z, 0 for a
+// class at -inf everywhere, whose NaN callers mask) and tbar (t̄) for the n classes of the chunk.
+inline void deviation_refs(const float* z, int64_t K, int64_t n, float* ref, float* tbar) {
+  for (int64_t i = 0; i < n; ++i) ref[i] = z[i];
+  for (int64_t k = 1; k < K; ++k)
+    for (int64_t i = 0; i < n; ++i) ref[i] = std::max(ref[i], z[k * CHUNK + i]);
+  for (int64_t i = 0; i < n; ++i) {
+    ref[i] = ref[i] == NEG_INF ? 0.0f : ref[i];
+    tbar[i] = 0.0f;
+  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < n; ++i) tbar[i] += z[k * CHUNK + i] - ref[i];
+  const float inv_k = 1.0f / static_cast<float>(K);
+  for (int64_t i = 0; i < n; ++i) tbar[i] *= inv_k;
+}
+
+// Per class, the number of passes at -inf (as a float, so that the loops vectorise). A class at
+// -inf in some passes but not all makes KL(p̄ ‖ p_k) = +inf exactly; deciding that on the inputs
+// keeps it +inf where the finite passes' probabilities underflow to 0. Returns whether any class of
+// the chunk is such a class.
+inline bool infinite_count(const float* z, int64_t K, int64_t n, float* count) {
+  for (int64_t i = 0; i < n; ++i) count[i] = 0.0f;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < n; ++i) count[i] += z[k * CHUNK + i] == NEG_INF ? 1.0f : 0.0f;
+  const float kf = static_cast<float>(K);
+  float partly = 0.0f;
+  for (int64_t i = 0; i < n; ++i) partly = std::max(partly, count[i] > 0.0f && count[i] < kf ? 1.0f : 0.0f);
+  return partly > 0.0f;
 }
 
 // log(x) with ~1 ulp error for x > 0, vectorisable: x = 2^e * m with m in [sqrt(1/2), sqrt(2)),
@@ -150,8 +192,8 @@ void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* ta
   const int64_t K = c.K, V = c.V;
   const bool smooth = c.has_ce && c.eps > 0.0f;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(K * CHUNK), zbar(CHUNK), lpbar(CHUNK), scratch(CHUNK);
-    std::vector<float> m(K), S(K), A(K), zsum(K), lse(K), stat(K);
+    std::vector<float> z(K * CHUNK), zref(CHUNK), tbar(CHUNK), ninf(CHUNK), lpbar(CHUNK), scratch(CHUNK);
+    std::vector<float> m(K), S(K), A(K), zsum(K), log_s(K), stat(K), zy(K), ref_y(K);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t y = target[n];
       if (y < 0) {
@@ -160,18 +202,24 @@ void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* ta
         continue;
       }
       const T* row = rows.data + row_off[n];
+      if (c.has_ce) {
+        // Cross-entropy is taken relative to the target logit (any finite reference would do).
+        for (int64_t k = 0; k < K; ++k) {
+          zy[k] = static_cast<float>(row[k * rows.stride_k + y * rows.stride_v]);
+          ref_y[k] = zy[k] == NEG_INF ? 0.0f : zy[k];
+        }
+      }
       std::fill(m.begin(), m.end(), NEG_INF);
       std::fill(S.begin(), S.end(), 0.0f);
       std::fill(A.begin(), A.end(), 0.0f);
       std::fill(zsum.begin(), zsum.end(), 0.0f);
+      bool partly_inf = false;
       for (int64_t v0 = 0; v0 < V; v0 += CHUNK) {
         const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
         for (int64_t k = 0; k < K; ++k) rows.load(row, k, v0, len, padded, &z[k * CHUNK]);
         if (!c.js) {
-          for (int64_t i = 0; i < padded; ++i) zbar[i] = 0.0f;
-          for (int64_t k = 0; k < K; ++k)
-            for (int64_t i = 0; i < padded; ++i) zbar[i] += z[k * CHUNK + i];
-          for (int64_t i = 0; i < padded; ++i) zbar[i] /= static_cast<float>(K);
+          deviation_refs(z.data(), K, padded, zref.data(), tbar.data());
+          partly_inf |= infinite_count(z.data(), K, padded, ninf.data());
         }
         for (int64_t k = 0; k < K; ++k) {
           const float* zk = &z[k * CHUNK];
@@ -184,21 +232,22 @@ void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* ta
             for (int j = 0; j < LANES; ++j) {
               const float e = fast_exp(zk[i + j] - shift);
               s_acc[j] += e;
-              // e == 0 marks classes at -inf in this pass (z - z̄ may be NaN there): term 0.
-              // A NaN logit gives e = NaN, which is not 0 and reaches the result.
-              if (!c.js) a_acc[j] += e == 0.0f ? 0.0f : e * (zk[i + j] - zbar[i + j]);
+              // Classes at -inf in any pass add no finite term (those at -inf in only some make
+              // the row +inf below); a NaN logit gives e = NaN, which reaches the result.
+              if (!c.js)
+                a_acc[j] += ninf[i + j] > 0.0f ? 0.0f : e * ((zk[i + j] - zref[i + j]) - tbar[i + j]);
             }
           S[k] = S[k] * scale + lane_sum(s_acc);
           if (!c.js) A[k] = A[k] * scale + lane_sum(a_acc);
           if (smooth) {
             float acc = 0.0f;
-            for (int64_t i = 0; i < len; ++i) acc += zk[i];
+            for (int64_t i = 0; i < len; ++i) acc += zk[i] - ref_y[k];
             zsum[k] += acc;
           }
           m[k] = m_new;
         }
       }
-      for (int64_t k = 0; k < K; ++k) lse[k] = m[k] + std::log(S[k]);
+      for (int64_t k = 0; k < K; ++k) log_s[k] = std::log(S[k]);
       if (c.js) {
         // Second pass: KL_k = Σ p_k (log p_k − log p̄); log p̄ needs every lse_k first.
         std::fill(stat.begin(), stat.end(), 0.0f);
@@ -206,7 +255,8 @@ void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* ta
           const int64_t len = std::min(CHUNK, V - v0);
           for (int64_t k = 0; k < K; ++k) {
             rows.load(row, k, v0, len, len, &z[k * CHUNK]);
-            for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] -= lse[k];
+            // log p_k = (z − m_k) − log S_k: two small differences whatever the logits' offset.
+            for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] = (z[k * CHUNK + i] - m[k]) - log_s[k];
           }
           log_mean_prob(z.data(), K, len, scratch.data(), lpbar.data());
           for (int64_t k = 0; k < K; ++k) {
@@ -219,16 +269,19 @@ void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* ta
           }
         }
       } else {
-        for (int64_t k = 0; k < K; ++k) stat[k] = A[k] / S[k];
+        const float inf_term = partly_inf ? std::numeric_limits<float>::infinity() : 0.0f;
+        for (int64_t k = 0; k < K; ++k) stat[k] = A[k] / S[k] + inf_term;
       }
       float div = 0.0f, ce = 0.0f;
       for (int64_t k = 0; k < K; ++k) {
         div += stat[k];
-        lse_out[k * N + n] = lse[k];
+        lse_out[k * N + n] = m[k] + log_s[k];
         stat_out[k * N + n] = stat[k];
         if (c.has_ce) {
-          const float zy = static_cast<float>(row[k * rows.stride_k + y * rows.stride_v]);
-          ce += smooth ? lse[k] - (1.0f - c.eps) * zy - (c.eps / static_cast<float>(V)) * zsum[k] : lse[k] - zy;
+          // CE_k = lse_k − (1−ε)·z_y − ε·mean_v z, every term relative to ref_y.
+          const float ce_k = (m[k] - ref_y[k]) + log_s[k];
+          ce += smooth ? ce_k - (1.0f - c.eps) * (zy[k] - ref_y[k]) - (c.eps / static_cast<float>(V)) * zsum[k]
+                       : ce_k - (zy[k] - ref_y[k]);
         }
       }
       div_row[n] = div / static_cast<float>(K);
@@ -245,7 +298,8 @@ void backward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* t
   const float inv_k = 1.0f / static_cast<float>(K);
   const float smooth_term = c.has_ce ? c.eps / static_cast<float>(V) : 0.0f;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(K * CHUNK), p(K * CHUNK), zbar(CHUNK), pbar(CHUNK), lpbar(CHUNK), g(CHUNK), scratch(CHUNK);
+    std::vector<float> z(K * CHUNK), p(K * CHUNK), zref(CHUNK), tbar(CHUNK), pbar(CHUNK), lpbar(CHUNK), g(CHUNK),
+        scratch(CHUNK);
     for (int64_t n = begin; n < end; ++n) {
       T* grow = grad + grad_row_off[n];
       const int64_t y = target[n];
@@ -272,16 +326,11 @@ void backward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* t
             for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] -= lse[k * N + n];  // now log p_k
           log_mean_prob(z.data(), K, len, scratch.data(), lpbar.data());
         } else {
-          for (int64_t i = 0; i < padded; ++i) zbar[i] = pbar[i] = 0.0f;
+          deviation_refs(z.data(), K, padded, zref.data(), tbar.data());
+          for (int64_t i = 0; i < padded; ++i) pbar[i] = 0.0f;
           for (int64_t k = 0; k < K; ++k)
-            for (int64_t i = 0; i < padded; ++i) {
-              zbar[i] += z[k * CHUNK + i];
-              pbar[i] += p[k * CHUNK + i];
-            }
-          for (int64_t i = 0; i < padded; ++i) {
-            zbar[i] *= inv_k;
-            pbar[i] *= inv_k;
-          }
+            for (int64_t i = 0; i < padded; ++i) pbar[i] += p[k * CHUNK + i];
+          for (int64_t i = 0; i < padded; ++i) pbar[i] *= inv_k;
         }
         for (int64_t k = 0; k < K; ++k) {
           const float* zk = &z[k * CHUNK];
@@ -294,7 +343,7 @@ void backward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* t
           } else {
             // ∂X/∂z_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
             for (int64_t i = 0; i < len; ++i)
-              g[i] = g_div * ((pk[i] == 0.0f ? 0.0f : pk[i] * (zk[i] - zbar[i] - s + 1.0f)) - pbar[i]);
+              g[i] = g_div * ((pk[i] == 0.0f ? 0.0f : pk[i] * ((zk[i] - zref[i]) - tbar[i] - s + 1.0f)) - pbar[i]);
           }
           if (c.has_ce) {
             // ∂CE_k/∂z_k = p_k − (1−ε)·onehot(y) − ε/V

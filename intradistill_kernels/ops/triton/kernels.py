@@ -1,4 +1,5 @@
-"""Triton kernels of the fused K-pass loss (DESIGN.md §1).
+"""Triton kernels of the fused K-pass loss: the same algorithm as the C++ kernels (reference.py is
+the specification they are tested against).
 
 One program handles one token: its K logit rows are held together as a [K_PAD, BLOCK_V] tile, so
 the mean logit z̄ of a class is a reduction over axis 0 and every per-pass quantity a reduction
@@ -8,9 +9,20 @@ result is bitwise reproducible.
 Addressing: element (k, n, v) of the logits is at
     base + row_off[n] + k * stride_k + v * stride_v
 which covers any strided [K, *B, V] view without a copy (row_off folds all batch dimensions).
+Every product of an index and a stride is formed in int64: a contiguous [3, N, 128256] tensor puts
+pass 2 beyond 2^31 elements from N = 8373 tokens, where 32-bit offsets wrap to a wild address.
 Rows whose target is negative are inactive: their outputs (and gradients) are written as zeros.
 ALIGN (host-computed) is a power of two dividing every row offset; without that hint the compiler
 cannot prove 16-byte alignment of an offset loaded from memory and falls back to scalar loads.
+
+Precision: a common offset c of the logits (all classes, all passes) leaves every result unchanged,
+and the kernels keep it so in fp32 by never rounding a value of c's magnitude before the
+difference that cancels it. Each difference below is of two nearby fp32 numbers, hence exact
+(Sterbenz): z − m_k for the softmax and for log p_k = (z − m_k) − log S_k, z − max_k z per class
+for z − z̄, m_k − z_k[y] and z − z_k[y] for cross-entropy. Forming z̄ or lse_k first would round at c's magnitude (1e4: errors of 1e-3
+absolute in z − z̄ and lse_k − z_k[y], i.e. 5e-4 relative in X and CE).
+The saved lse_k is one fp32 number, so the backward's p_k = exp(z − lse_k) carries its rounding:
+a relative error of at most 2^-24·|lse_k| (6e-8 at |lse| = 1, 6e-4 at a common offset of 1e4).
 """
 
 import triton
@@ -20,9 +32,21 @@ import triton.language as tl
 @triton.jit
 def _load_tile(row_ptr, ks, vs, kmask, V, stride_k, stride_v):
     msk = kmask[:, None] & (vs < V)[None, :]
-    ptrs = row_ptr + ks[:, None] * stride_k + vs[None, :] * stride_v
-    z = tl.load(ptrs, mask=msk, other=float("-inf")).to(tl.float32)
+    offs = ks.to(tl.int64)[:, None] * stride_k + vs.to(tl.int64)[None, :] * stride_v
+    z = tl.load(row_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
     return z, msk
+
+
+@triton.jit
+def _deviation(z, kmask, K: tl.constexpr):
+    """d = z − z̄ per class, from differences against the class's largest logit: exact where the
+    K logits of a class are close, however large they are (z̄ itself would round at their size).
+    Also returns, per class, whether some pass is at -inf and whether every pass is (padded
+    passes hold -inf and are left out). d is NaN at a class at -inf everywhere: callers mask it."""
+    top = tl.max(z, axis=0)
+    t = z - tl.where(top == float("-inf"), 0.0, top)[None, :]
+    t_bar = tl.sum(tl.where(kmask[:, None], t, 0.0), axis=0) / K
+    return t - t_bar[None, :], t_bar == float("-inf"), top == float("-inf")
 
 
 @triton.jit
@@ -44,16 +68,21 @@ def _forward_kernel(
     n = tl.program_id(0)
     ks = tl.arange(0, K_PAD)
     kmask = ks < K
+    stat_offs = ks.to(tl.int64) * N + n
     y = tl.load(target_ptr + n)
     if y < 0:
         tl.store(ce_ptr + n, 0.0)
         tl.store(div_ptr + n, 0.0)
-        tl.store(lse_ptr + ks * N + n, tl.zeros([K_PAD], tl.float32), mask=kmask)
-        tl.store(stat_ptr + ks * N + n, tl.zeros([K_PAD], tl.float32), mask=kmask)
+        tl.store(lse_ptr + stat_offs, tl.zeros([K_PAD], tl.float32), mask=kmask)
+        tl.store(stat_ptr + stat_offs, tl.zeros([K_PAD], tl.float32), mask=kmask)
         return
     row = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + n), ALIGN)
+    if HAS_CE:
+        z_y = tl.load(row + ks.to(tl.int64) * stride_k + y * stride_v, mask=kmask, other=0.0).to(tl.float32)
+        # Cross-entropy is taken relative to the target logit (any finite reference would do).
+        ref_y = tl.where(z_y == float("-inf"), 0.0, z_y)
 
-    # One online pass: running max m, S = Σ e^(z-m), A = Σ e^(z-m)·(z - z̄), row sum of z.
+    # One online pass: running max m, S = Σ e^(z-m), A = Σ e^(z-m)·(z - z̄), Σ (z - ref_y).
     m = tl.full([K_PAD], float("-inf"), tl.float32)
     s_sum = tl.zeros([K_PAD], tl.float32)
     a_sum = tl.zeros([K_PAD], tl.float32)
@@ -61,6 +90,8 @@ def _forward_kernel(
     for v0 in range(0, V, BLOCK_V):
         vs = v0 + tl.arange(0, BLOCK_V)
         z, msk = _load_tile(row, ks, vs, kmask, V, stride_k, stride_v)
+        if SMOOTH:
+            z_sum += tl.sum(tl.where(msk, z - ref_y[:, None], 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # A row that is -inf so far keeps m = -inf; shifting by 0 there avoids (-inf) - (-inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -68,23 +99,24 @@ def _forward_kernel(
         e = tl.exp(z - m_safe[:, None])
         s_sum = s_sum * scale + tl.sum(e, axis=1)
         if not JS:
-            z_bar = tl.sum(tl.where(kmask[:, None], z, 0.0), axis=0) / K
-            # e == 0 marks classes at -inf in this pass, where z - z̄ may be NaN; their term is 0.
-            # (A NaN logit gives e = NaN, which is not 0 and so reaches the result.)
-            ed = tl.where(e == 0.0, 0.0, e * (z - z_bar[None, :]))
-            a_sum = a_sum * scale + tl.sum(ed, axis=1)
-        if SMOOTH:
-            z_sum += tl.sum(tl.where(msk, z, 0.0), axis=1)
+            # A class at -inf in every pass adds 0. One at -inf in some passes but not all makes
+            # KL(p̄ ‖ p_k) = +inf exactly; deciding that on the logits, not on e > 0, keeps it +inf
+            # where the finite passes' e underflows in fp32. A NaN logit gives e·d = NaN.
+            d, some_inf, all_inf = _deviation(z, kmask, K)
+            ed = tl.where(some_inf[None, :], tl.where(all_inf, 0.0, float("inf"))[None, :], e * d)
+            # +inf stays +inf: rescaling it by a scale that underflowed to 0 would make it NaN.
+            a_sum = tl.where(a_sum == float("inf"), a_sum, a_sum * scale + tl.sum(ed, axis=1))
         m = m_new
-    lse = m + tl.log(s_sum)
+    log_s = tl.log(s_sum)
 
     if JS:
         # Second pass: KL_k = Σ p_k (log p_k - log p̄); log p̄ needs every lse_k first.
+        # log p_k = (z - m_k) - log S_k, both differences small whatever the logits' offset.
         kl = tl.zeros([K_PAD], tl.float32)
         for v0 in range(0, V, BLOCK_V):
             vs = v0 + tl.arange(0, BLOCK_V)
             z, msk = _load_tile(row, ks, vs, kmask, V, stride_k, stride_v)
-            logp = tl.where(kmask[:, None], z - lse[:, None], float("-inf"))
+            logp = tl.where(kmask[:, None], (z - m[:, None]) - log_s[:, None], float("-inf"))
             r = logp - _log_mean_prob(logp, kmask, K)[None, :]
             p = tl.exp(logp)
             kl += tl.sum(tl.where(p == 0.0, 0.0, p * r), axis=1)
@@ -93,15 +125,16 @@ def _forward_kernel(
         stat = a_sum / s_sum
     div = tl.sum(tl.where(kmask, stat, 0.0), axis=0) / K
     tl.store(div_ptr + n, div)
-    tl.store(lse_ptr + ks * N + n, lse, mask=kmask)
-    tl.store(stat_ptr + ks * N + n, stat, mask=kmask)
+    tl.store(lse_ptr + stat_offs, m + log_s, mask=kmask)
+    tl.store(stat_ptr + stat_offs, stat, mask=kmask)
 
     if HAS_CE:
-        z_y = tl.load(row + ks * stride_k + y * stride_v, mask=kmask, other=0.0).to(tl.float32)
+        # CE_k = lse_k − (1−ε)·z_y − ε·mean_v z, every term relative to ref_y.
+        ce_k = (m - ref_y) + log_s
         if SMOOTH:
-            ce_k = lse - (1.0 - label_smoothing) * z_y - (label_smoothing / V) * z_sum
+            ce_k = ce_k - (1.0 - label_smoothing) * (z_y - ref_y) - (label_smoothing / V) * z_sum
         else:
-            ce_k = lse - z_y
+            ce_k = ce_k - (z_y - ref_y)
         tl.store(ce_ptr + n, tl.sum(tl.where(kmask, ce_k, 0.0), axis=0) / K)
     else:
         tl.store(ce_ptr + n, 0.0)
@@ -121,16 +154,18 @@ def _backward_kernel(
     y = tl.load(target_ptr + n)
     grad_row = grad_ptr + tl.multiple_of(tl.load(grad_row_off_ptr + n), ALIGN)
     grad_ty = grad_ptr.dtype.element_ty
+    grad_k_offs = ks.to(tl.int64)[:, None] * grad_stride_k
     if y < 0:
         for v0 in range(0, V, BLOCK_V):
             vs = v0 + tl.arange(0, BLOCK_V)
             msk = kmask[:, None] & (vs < V)[None, :]
-            ptrs = grad_row + ks[:, None] * grad_stride_k + vs[None, :] * grad_stride_v
+            ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
             tl.store(ptrs, tl.zeros([K_PAD, BLOCK_V], tl.float32).to(grad_ty), mask=msk)
         return
     row = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + n), ALIGN)
-    lse = tl.load(lse_ptr + ks * N + n, mask=kmask, other=0.0)
-    stat = tl.load(stat_ptr + ks * N + n, mask=kmask, other=0.0)
+    stat_offs = ks.to(tl.int64) * N + n
+    lse = tl.load(lse_ptr + stat_offs, mask=kmask, other=0.0)
+    stat = tl.load(stat_ptr + stat_offs, mask=kmask, other=0.0)
     # d(row value)/d(per-pass value) is 1/K for both the mean CE and the divergence.
     g_div = tl.load(g_div_ptr + n) / K
     if HAS_CE:
@@ -146,9 +181,9 @@ def _backward_kernel(
             t = tl.where(p == 0.0, 0.0, p * (r - stat[:, None]))
         else:
             # ∂X/∂z_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
-            z_bar = tl.sum(tl.where(kmask[:, None], z, 0.0), axis=0) / K
             p_bar = tl.sum(p, axis=0) / K
-            t = tl.where(p == 0.0, 0.0, p * (z - z_bar[None, :] - stat[:, None] + 1.0)) - p_bar[None, :]
+            d, _, _ = _deviation(z, kmask, K)
+            t = tl.where(p == 0.0, 0.0, p * (d - stat[:, None] + 1.0)) - p_bar[None, :]
         g = g_div * t
         if HAS_CE:
             # ∂CE_k/∂z_k = p_k − (1−ε)·onehot(y) − ε/V
@@ -157,5 +192,5 @@ def _backward_kernel(
                 g += g_ce * (p - onehot[None, :] - label_smoothing / V)
             else:
                 g += g_ce * (p - onehot[None, :])
-        ptrs = grad_row + ks[:, None] * grad_stride_k + vs[None, :] * grad_stride_v
+        ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
         tl.store(ptrs, g.to(grad_ty), mask=msk)
