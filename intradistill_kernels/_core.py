@@ -23,10 +23,23 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-class IntraDistillationOutput(NamedTuple):
+class _OutputFields(NamedTuple):
     loss: Tensor
     ce: Tensor
     divergence: Tensor
+
+
+class IntraDistillationOutput(_OutputFields):
+    """(loss, ce, divergence): loss = ce + alpha·divergence (+ the z-loss term). Unpacks as three
+    values; `z_loss` holds the z-loss term that `loss` includes (None when z_loss=0)."""
+
+    def __new__(cls, loss, ce, divergence, z_loss=None):
+        self = super().__new__(cls, loss, ce, divergence)
+        self.z_loss = z_loss
+        return self
+
+    def __getnewargs__(self):
+        return (*self, self.z_loss)
 
 
 def jeffrey_factor(k) -> float:
@@ -164,18 +177,34 @@ class LossOptions:
     label_smoothing: float
     ignore_index: int
     reduction: str
+    logit_scale: float = 1.0
+    softcap: float = 0.0   # 0: off
+    z_loss: float = 0.0
 
 
-def check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction) -> LossOptions:
+def _launch_constant(name: str, value, low: float, high: float | None = None) -> float:
+    value = check_scalar(name, value, low, high)
+    # The kernels take it as a launch constant: a host read, only for a tensor-valued argument.
+    return float(value)
+
+
+def check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction,
+                       logit_scale=1.0, softcap=None, z_loss=0.0) -> LossOptions:
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("divergence", divergence, DIVERGENCES)
     alpha = check_scalar("alpha", alpha, 0.0)
-    label_smoothing = check_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
-    if isinstance(label_smoothing, Tensor):
-        # The kernels take it as a launch constant: a host read, only for a tensor-valued argument.
-        label_smoothing = float(label_smoothing)
+    label_smoothing = _launch_constant("label_smoothing", label_smoothing, 0.0, 1.0)
     check_int("ignore_index", ignore_index, INT64_MIN, INT64_MAX)
-    return LossOptions(alpha, divergence, float(label_smoothing), int(ignore_index), reduction)
+    logit_scale = _launch_constant("logit_scale", logit_scale, 0.0)
+    if logit_scale == 0:
+        raise ValueError("logit_scale must be > 0, got 0 (every class would be equally likely)")
+    if softcap is not None:
+        softcap = _launch_constant("softcap", softcap, 0.0)
+        if softcap == 0:
+            raise ValueError("softcap must be None (off) or > 0, got 0")
+    z_loss = _launch_constant("z_loss", z_loss, 0.0)
+    return LossOptions(alpha, divergence, label_smoothing, int(ignore_index), reduction, logit_scale,
+                       softcap or 0.0, z_loss)
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -251,11 +280,17 @@ def reduce_rows(rows: Tensor, active: Tensor, reduction: str, batch_shape) -> Te
     return total / active.sum().clamp(min=1).to(total.dtype)
 
 
-def loss_output(ce_rows: Tensor, div_rows: Tensor, active: Tensor, batch_shape, opts: LossOptions) -> IntraDistillationOutput:
-    """The per-row terms reduced and combined: loss = ce + alpha * divergence."""
+def loss_output(ce_rows: Tensor, div_rows: Tensor, active: Tensor, batch_shape, opts: LossOptions,
+                zsq_rows: Tensor | None = None) -> IntraDistillationOutput:
+    """The per-row terms reduced and combined: loss = ce + alpha·divergence + z_loss·mean lse²."""
     ce = reduce_rows(ce_rows, active, opts.reduction, batch_shape)
     div = reduce_rows(div_rows, active, opts.reduction, batch_shape)
-    return IntraDistillationOutput(ce + opts.alpha * div, ce, div)
+    loss = ce + opts.alpha * div
+    z = None
+    if zsq_rows is not None and opts.z_loss > 0:
+        z = opts.z_loss * reduce_rows(zsq_rows, active, opts.reduction, batch_shape)
+        loss = loss + z
+    return IntraDistillationOutput(loss, ce, div, z)
 
 
 def may_write_in_place(t: Tensor) -> bool:

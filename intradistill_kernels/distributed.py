@@ -32,7 +32,7 @@ from ._core import (
     jeffrey_factor, loss_output, pick_backend, reduce_rows,
 )
 from .ops import backend_impl
-from .ops.backend import RowsConfig, RowStats
+from .ops.backend import RowsConfig, RowStats, RowWeights
 
 Tensor = torch.Tensor
 
@@ -80,8 +80,9 @@ class _TorchShard:
         return RowStats(None, None, lse_r, s_r)
 
     @staticmethod
-    def backward(logits, row_target, lse, stat, g_ce, g_div, cfg: RowsConfig, grad) -> None:
+    def backward(logits, row_target, lse, stat, weights: RowWeights, cfg: RowsConfig, grad) -> None:
         k, v = logits.shape[0], logits.shape[-1]
+        g_div = weights.div
         z = logits.reshape(k, -1, v).to(lse.dtype)
         logp = z - lse[..., None]
         p = logp.exp()
@@ -157,7 +158,7 @@ class _VocabParallelRows(torch.autograd.Function):
             g_div = g_div * jeffrey_factor(k)
         row_target = torch.where(active, torch.zeros_like(target), torch.full_like(target, -1))
         grad = torch.empty_like(logits)
-        _shard_impl(backend).backward(logits, row_target, lse, stat, torch.zeros_like(g_div), g_div.contiguous(),
+        _shard_impl(backend).backward(logits, row_target, lse, stat, RowWeights(torch.zeros_like(g_div), g_div.contiguous(), None),
                                       RowsConfig(js=divergence == "js", label_smoothing=0.0, has_ce=False), grad)
         if has_ce and g_ce is not None:
             z = logits.reshape(k, -1, v_local).to(lse.dtype)

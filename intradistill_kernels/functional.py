@@ -7,7 +7,7 @@ import torch
 
 from . import reference
 from ._core import (
-    IntraDistillationOutput, available_backends, check_choice, check_int, check_logits, check_mask,
+    IntraDistillationOutput, LossOptions, available_backends, check_choice, check_int, check_logits, check_mask,
     check_loss_options, check_target, check_tensor_arg, host_reads_are_free, jeffrey_factor, loss_output, may_write_in_place,
     pick_backend, reduce_rows, REDUCTIONS,
 )
@@ -23,38 +23,46 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- row computation
 
-def _rows(logits, target, active, divergence, label_smoothing, backend, inplace_grad):
-    """Per-row (mean CE over passes or None, divergence), each [N], 0 at inactive rows."""
+def _rows_and_loss(logits, target, active, batch_shape, opts: LossOptions, has_ce, backend, inplace_grad):
+    """IntraDistillationOutput of the rows (ce is None without has_ce)."""
     k, v = logits.shape[0], logits.shape[-1]
     if backend == "torch":
-        flat = logits.reshape(k, -1, v)
-        div = reference.DIVERGENCE_ROWS[divergence](flat, active)
-        ce = None if target is None else reference.cross_entropy_rows(flat, target, active, label_smoothing)
-        return ce, div
-    from .ops.fused import fused_rows
+        flat = reference.transform_logits(reference.active_rows(logits.reshape(k, -1, v), active),
+                                          opts.logit_scale, opts.softcap)
+        div = reference.DIVERGENCE_ROWS[opts.divergence](flat, active)
+        ce = reference.cross_entropy_rows(flat, target, active, opts.label_smoothing) if has_ce else torch.zeros_like(div)
+        zsq = reference.lse_square_rows(flat, active) if opts.z_loss > 0 else None
+        return loss_output(ce, div, active, batch_shape, opts, zsq)
+    from .ops.fused import FusedRows
 
-    row_target = target if target is not None else torch.zeros_like(active, dtype=torch.long)
-    row_target = torch.where(active, row_target, -1)
+    row_target = torch.where(active, target, -1) if has_ce else torch.where(active, 0, -1)
     # An expanded (stride-0) view shares memory between elements: a gradient written over it
     # would overwrite itself, so such logits get a fresh gradient buffer.
-    inplace_grad = bool(inplace_grad) and may_write_in_place(logits)
-    ce, div, _, _ = fused_rows(
-        logits, row_target, divergence == "js", float(label_smoothing), target is not None, inplace_grad, backend,
-    )
-    if divergence == "jeffrey":
-        div = div * jeffrey_factor(k)
-    return (ce if target is not None else None), div
+    inplace = bool(inplace_grad) and may_write_in_place(logits)
+    # The one-pass forward applies when the reduced loss is what gets differentiated.
+    early = opts.reduction != "none" and torch.is_grad_enabled() and logits.requires_grad
+    count = active.sum().clamp(min=1).to(torch.float32)
+    scale = 1.0 / count if opts.reduction == "mean" else torch.ones((), device=logits.device)
+    alpha = opts.alpha.to(torch.float32) if isinstance(opts.alpha, Tensor) else \
+        torch.full((), opts.alpha, dtype=torch.float32, device=logits.device)
+    div_factor = jeffrey_factor(k) if opts.divergence == "jeffrey" else 1.0
+    ce, div, zsq, loss = FusedRows.apply(
+        logits, row_target, alpha, scale, opts.z_loss, div_factor, opts.divergence == "js", opts.label_smoothing,
+        has_ce, opts.logit_scale, opts.softcap, inplace, early, backend)
+    if opts.reduction == "none":
+        return loss_output(ce, div, active, batch_shape, opts, zsq)
+    z = scale * opts.z_loss * zsq.sum() if opts.z_loss > 0 else None
+    return IntraDistillationOutput(loss, scale * ce.sum(), scale * div.sum(), z)
 
 
 # ----------------------------------------------------------------------------- public functions
 
 def _divergence(logits, mask, reduction, backend, divergence, inplace_grad):
     k, batch_shape, _ = check_logits(logits)
-    check_choice("reduction", reduction, REDUCTIONS)
+    opts = check_loss_options(1.0, divergence, 0.0, -100, reduction)
     active = check_mask(mask, batch_shape, logits.device)
     backend = pick_backend(backend, logits, k)
-    _, rows = _rows(logits, None, active, divergence, 0.0, backend, inplace_grad)
-    return reduce_rows(rows, active, reduction, batch_shape)
+    return _rows_and_loss(logits, None, active, batch_shape, opts, False, backend, inplace_grad).loss
 
 
 def x_divergence(logits: Tensor, mask: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
@@ -77,7 +85,8 @@ def js_divergence(logits: Tensor, mask: Tensor | None = None, reduction: str = "
 def intra_distillation_loss(
     logits: Tensor, target: Tensor, alpha: float = 1.0, *, divergence: str = "x",
     label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-    backend: str = "auto", inplace_grad: bool = False,
+    backend: str = "auto", inplace_grad: bool = False, softcap: float | None = None, logit_scale: float = 1.0,
+    z_loss: float = 0.0,
 ) -> IntraDistillationOutput:
     """Cross-entropy averaged over the K passes plus alpha times their divergence.
 
@@ -85,13 +94,19 @@ def intra_distillation_loss(
     divergence: "x" (the paper's X-divergence), "js" ((1/K) Σ KL(p_k ‖ p̄)) or "jeffrey" (mean over
     pairs of the symmetric KL / 2, R-Drop's term; equal to K/(K-1) times X).
     Returns IntraDistillationOutput(loss, ce, divergence) with loss = ce + alpha * divergence.
+
+    LLM options: logit_scale multiplies the logits first; softcap (Gemma 2/3) maps them to
+    softcap·tanh(logits / softcap) before every softmax (-inf stays -inf); z_loss adds
+    z_loss · mean over passes and rows of lse² to `loss` (also reported as `out.z_loss`).
+    When only `loss` is differentiated (reduction "mean" or "sum"), the fused backends compute
+    the gradient in the forward's sweep over the logits; inplace_grad=True then writes it over
+    the logits at once (they must not be used after the call).
     """
     k, batch_shape, v = check_logits(logits)
-    opts = check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction)
+    opts = check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction, logit_scale, softcap, z_loss)
     target, active = check_target(target, batch_shape, v, opts.ignore_index, logits.device)
     backend = pick_backend(backend, logits, k)
-    ce_rows, div_rows = _rows(logits, target, active, opts.divergence, opts.label_smoothing, backend, inplace_grad)
-    return loss_output(ce_rows, div_rows, active, batch_shape, opts)
+    return _rows_and_loss(logits, target, active, batch_shape, opts, True, backend, inplace_grad)
 
 
 def consistency_mse(outputs: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
@@ -125,14 +140,16 @@ def consistency_mse(outputs: Tensor, mask: Tensor | None = None, reduction: str 
 def fused_linear_intra_distillation_loss(
     hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, alpha: float = 1.0, *,
     divergence: str = "x", label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-    backend: str = "auto", chunk_size: int | None = None,
+    backend: str = "auto", chunk_size: int | None = None, softcap: float | None = None, logit_scale: float = 1.0,
+    z_loss: float = 0.0,
 ) -> IntraDistillationOutput:
     """intra_distillation_loss(hidden @ weight.T + bias, target, ...) without materialising the
     [K, *B, V] logits: same values, same gradients for hidden, weight, bias (and a tensor alpha).
 
     hidden [K, *B, H]; weight [V, H]; bias [V] or None; chunk_size: tokens per chunk (default
-    from the free memory). When only `loss` is differentiated (reduction "mean" or "sum"), the
-    gradients are computed during the forward, chunk by chunk, and backward only scales them.
+    from the free memory). softcap, logit_scale and z_loss as in intra_distillation_loss.
+    When only `loss` is differentiated (reduction "mean" or "sum"), the gradients are computed
+    during the forward, chunk by chunk, and backward only scales them.
     """
     k, batch_shape, hdim = check_logits(hidden, "hidden")
     check_tensor_arg("weight", weight, hidden.device)
@@ -143,7 +160,7 @@ def fused_linear_intra_distillation_loss(
     v = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (v,):
         raise ValueError(f"bias must have shape [V] = [{v}], got {list(bias.shape)}")
-    opts = check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction)
+    opts = check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction, logit_scale, softcap, z_loss)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, 1)
     target_flat, active = check_target(target, batch_shape, v, opts.ignore_index, hidden.device)
@@ -166,11 +183,13 @@ def fused_linear_intra_distillation_loss(
     scale = 1.0 / count if opts.reduction == "mean" else torch.ones((), dtype=rows_dtype, device=hidden.device)
     early = opts.reduction != "none" and torch.is_grad_enabled()
     cfg = ChunkConfig(opts.divergence, opts.label_smoothing, backend,
-                      chunk_size or default_chunk_size(k, max(m, 1), v, hidden.device))
-    ce_rows, div_rows, loss = FusedLinearRows.apply(h, weight, bias, alpha_t, scale, rows_target, cfg, early)
+                      chunk_size or default_chunk_size(k, max(m, 1), v, hidden.device),
+                      opts.logit_scale, opts.softcap, opts.z_loss)
+    ce_rows, div_rows, zsq_rows, loss = FusedLinearRows.apply(h, weight, bias, alpha_t, scale, rows_target, cfg, early)
     if opts.reduction == "none":
         if keep is not None:
             zeros = ce_rows.new_zeros(active.numel())
-            ce_rows, div_rows = zeros.index_put((keep,), ce_rows), zeros.index_put((keep,), div_rows)
-        return loss_output(ce_rows, div_rows, active, batch_shape, opts)
-    return IntraDistillationOutput(loss, scale * ce_rows.sum(), scale * div_rows.sum())
+            ce_rows, div_rows, zsq_rows = (zeros.index_put((keep,), r) for r in (ce_rows, div_rows, zsq_rows))
+        return loss_output(ce_rows, div_rows, active, batch_shape, opts, zsq_rows)
+    z = scale * opts.z_loss * zsq_rows.sum() if opts.z_loss > 0 else None
+    return IntraDistillationOutput(loss, scale * ce_rows.sum(), scale * div_rows.sum(), z)

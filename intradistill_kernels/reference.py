@@ -108,6 +108,28 @@ def cross_entropy_rows(logits: Tensor, target: Tensor, active: Tensor, label_smo
     return _masked_rows(ce.reshape(k, n).mean(0), active)
 
 
+def active_rows(logits: Tensor, active: Tensor) -> Tensor:
+    """logits [K, N, V] in the compute dtype with inactive rows zeroed (before any arithmetic)."""
+    return _active(logits, active)
+
+
+def transform_logits(logits: Tensor, logit_scale: float = 1.0, softcap: float = 0.0) -> Tensor:
+    """t = softcap·tanh(logit_scale·z / softcap) (t = logit_scale·z without softcap). A logit at
+    -inf stays -inf: masked vocabulary padding stays masked (tanh would make it -softcap)."""
+    t = logits.to(_compute_dtype(logits.dtype))
+    if logit_scale != 1.0:
+        t = t * logit_scale
+    if softcap > 0:
+        t = torch.where(t == float("-inf"), t, softcap * torch.tanh(t / softcap))
+    return t
+
+
+def lse_square_rows(logits: Tensor, active: Tensor) -> Tensor:
+    """(1/K) Σ_k lse_k² per row: the z-loss term (PaLM's auxiliary loss on the normaliser)."""
+    z = _active(logits, active)
+    return _masked_rows(torch.logsumexp(z, dim=-1).square().mean(0), active)
+
+
 def consistency_mse_rows(outputs: Tensor, active: Tensor) -> Tensor:
     """(1/K) Σ_k ‖o_k − ō‖² per row; outputs [K, N, D]."""
     o = _active(outputs, active)

@@ -76,3 +76,25 @@ class FusedBackend(Protocol):
 
     def backward(self, logits: Tensor, target: Tensor, lse: Tensor, stat: Tensor, weights: RowWeights,
                  cfg: RowsConfig, grad: Tensor) -> None: ...
+
+
+def run_forward(impl: FusedBackend, logits: Tensor, target: Tensor, cfg: RowsConfig,
+                early: EarlyGrad | None = None) -> RowStats:
+    """impl.forward, with the one-pass request emulated (forward, then the exact backward) for
+    a backend whose kernels do not take one."""
+    if early is None:
+        return impl.forward(logits, target, cfg)
+    if _takes_early(impl):
+        return impl.forward(logits, target, cfg, early)
+    stats = impl.forward(logits, target, cfg)
+    impl.backward(logits, target, stats.lse, stats.stat, early.weights, cfg, early.grad)
+    return stats
+
+
+def _takes_early(impl) -> bool:
+    import inspect
+
+    try:
+        return "early" in inspect.signature(impl.forward).parameters
+    except (TypeError, ValueError):
+        return False

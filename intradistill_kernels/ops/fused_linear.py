@@ -23,7 +23,7 @@ import torch
 from .. import reference
 from .._core import jeffrey_factor
 from . import backend_impl
-from .backend import RowsConfig
+from .backend import EarlyGrad, RowsConfig, RowWeights, run_forward
 
 Tensor = torch.Tensor
 
@@ -47,10 +47,14 @@ class ChunkConfig:
     label_smoothing: float
     backend: str
     chunk: int
+    logit_scale: float = 1.0
+    softcap: float = 0.0
+    z_loss: float = 0.0
 
     @property
     def rows(self) -> RowsConfig:
-        return RowsConfig(js=self.divergence == "js", label_smoothing=self.label_smoothing, has_ce=True)
+        return RowsConfig(js=self.divergence == "js", label_smoothing=self.label_smoothing, has_ce=True,
+                          logit_scale=self.logit_scale, softcap=self.softcap)
 
 
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
@@ -71,42 +75,44 @@ def _logits_f32(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return out.view(k, c, -1)
 
 
-def _chunk_rows_and_grad(logits, target, cfg: ChunkConfig, w_ce, w_div):
-    """(ce_rows, div_rows) of one chunk and d(Σ w_ce·ce + w_div·div)/d(logits), written in place
-    over the chunk's logits when a fused backend runs (None when no gradient is wanted)."""
+def _chunk_rows_and_grad(logits, target, cfg: ChunkConfig, w: RowWeights | None):
+    """(ce_rows, div_rows, zsq_rows) of one chunk and, with row weights w, the gradient
+    d(Σ w.ce·ce + w.div·div + w.z·zsq)/d(logits), written over the chunk's logits in the same
+    sweep when a fused backend runs (None without weights)."""
     k = logits.shape[0]
     factor = jeffrey_factor(k) if cfg.divergence == "jeffrey" else 1.0
     if cfg.backend == "torch":
         active = target >= 0
-        want_grad = w_ce is not None
-        z = logits.detach().requires_grad_(want_grad)
+        z = logits.detach().requires_grad_(w is not None)
         with torch.enable_grad():
-            ce = reference.cross_entropy_rows(z, target.clamp(min=0), active, cfg.label_smoothing)
-            div = reference.DIVERGENCE_ROWS[cfg.divergence](z, active)
-            if not want_grad:
-                return ce.detach(), div.detach(), None
-            (grad,) = torch.autograd.grad((w_ce * ce + w_div * div).sum(), z)
-        return ce.detach(), div.detach(), grad
+            t = reference.transform_logits(z, cfg.logit_scale, cfg.softcap)
+            ce = reference.cross_entropy_rows(t, target.clamp(min=0), active, cfg.label_smoothing)
+            div = reference.DIVERGENCE_ROWS[cfg.divergence](t, active)
+            zsq = reference.lse_square_rows(t, active)
+            if w is None:
+                return ce.detach(), div.detach(), zsq.detach(), None
+            total = w.ce * ce + w.div * div + (0 if w.z is None else w.z * zsq)
+            (grad,) = torch.autograd.grad(total.sum(), z)
+        return ce.detach(), div.detach(), zsq.detach(), grad
     impl = backend_impl(cfg.backend)
-    stats = impl.forward(logits, target, cfg.rows)
+    early = None
+    if w is not None:
+        early = EarlyGrad(RowWeights(w.ce.float().contiguous(), (w.div * factor).float().contiguous(),
+                                     None if w.z is None else w.z.float().contiguous()), logits)
+    stats = run_forward(impl, logits, target, cfg.rows, early)
     div = stats.div * factor if factor != 1.0 else stats.div
-    if w_ce is None:
-        return stats.ce, div, None
-    impl.backward(logits, target, stats.lse, stats.stat, w_ce.float().contiguous(),
-                  (w_div * factor).float().contiguous(), cfg.rows, logits)
-    return stats.ce, div, logits
+    return stats.ce, div, stats.lse.square().mean(0), None if w is None else logits
 
 
-def chunked_pass(hidden, weight, bias, target, cfg: ChunkConfig, w_ce=None, w_div=None, needs=(True, True, True)):
-    """Runs every chunk; returns per-row (ce, div) and, when row weights are given, the gradients
-    (grad_hidden [K, M, H] in hidden's dtype, grad_weight and grad_bias in fp32; each None where
-    `needs` says that input wants none). Rows whose target is -1 contribute nothing."""
+def chunked_pass(hidden, weight, bias, target, cfg: ChunkConfig, w: RowWeights | None = None, needs=(True, True, True)):
+    """Runs every chunk; returns per-row (ce, div, zsq) and, when row weights are given, the
+    gradients (grad_hidden [K, M, H] in hidden's dtype, grad_weight and grad_bias in fp32; each
+    None where `needs` says that input wants none). Rows whose target is -1 contribute nothing."""
     k, m, hdim = hidden.shape
     rows_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    ce_rows = hidden.new_empty(m, dtype=rows_dtype)
-    div_rows = hidden.new_empty(m, dtype=rows_dtype)
+    out_rows = [hidden.new_empty(m, dtype=rows_dtype) for _ in range(3)]
     grads = None
-    if w_ce is not None:
+    if w is not None:
         need_h, need_w, need_b = needs
         grads = [torch.empty_like(hidden) if need_h else None,
                  torch.zeros(weight.shape, dtype=rows_dtype, device=weight.device) if need_w else None,
@@ -117,9 +123,10 @@ def chunked_pass(hidden, weight, bias, target, cfg: ChunkConfig, w_ce=None, w_di
         sel = slice(start, end)
         h = hidden[:, sel]
         logits = _logits_f32(h, w_fp, bias)
-        ce, div, dlogits = _chunk_rows_and_grad(logits, target[sel], cfg,
-                                                None if w_ce is None else w_ce[sel], None if w_div is None else w_div[sel])
-        ce_rows[sel], div_rows[sel] = ce, div
+        w_sel = None if w is None else RowWeights(w.ce[sel], w.div[sel], None if w.z is None else w.z[sel])
+        *chunk_rows, dlogits = _chunk_rows_and_grad(logits, target[sel], cfg, w_sel)
+        for rows, values in zip(out_rows, chunk_rows):
+            rows[sel] = values
         if dlogits is not None:
             g_hidden, g_weight, g_bias = grads
             d = dlogits.reshape(-1, dlogits.shape[-1])
@@ -130,50 +137,60 @@ def chunked_pass(hidden, weight, bias, target, cfg: ChunkConfig, w_ce=None, w_di
             if g_bias is not None:
                 g_bias += d.sum(0)
         del logits, dlogits
-    return ce_rows, div_rows, grads
+    return (*out_rows, grads)
+
+
+def _row_weights(m: int, w_ce, w_div, w_z) -> RowWeights:
+    def vec(w):
+        return None if w is None else w.float().expand(m).contiguous()
+    return RowWeights(vec(w_ce), vec(w_div), vec(w_z))
 
 
 class FusedLinearRows(torch.autograd.Function):
-    """(ce_rows, div_rows, loss) of hidden @ weight.T + bias; loss = Σ_rows scale·(ce + alpha·div)
-    is the reduced loss for "mean" (scale = 1/count) and "sum" (scale = 1)."""
+    """(ce_rows, div_rows, zsq_rows, loss) of hidden @ weight.T + bias, where
+    loss = Σ_rows scale·(ce + alpha·div + z_loss·zsq) is the reduced loss for "mean"
+    (scale = 1/count) and "sum" (scale = 1)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, alpha, scale, target, cfg: ChunkConfig, early: bool):
         ctx.set_materialize_grads(False)
         m = hidden.shape[1]
         needs = ctx.needs_input_grad[:3]
-        w_ce = w_div = None
+        w = None
         if early and any(needs):
-            w_ce = scale.expand(m)
-            w_div = (scale * alpha).expand(m)
-        ce_rows, div_rows, grads = chunked_pass(hidden, weight, bias, target, cfg, w_ce, w_div, needs)
-        loss = scale * (ce_rows.sum() + alpha * div_rows.sum())
+            w = _row_weights(m, scale, scale * alpha, scale * cfg.z_loss if cfg.z_loss > 0 else None)
+        ce_rows, div_rows, zsq_rows, grads = chunked_pass(hidden, weight, bias, target, cfg, w, needs)
+        loss = scale * (ce_rows.sum() + alpha * div_rows.sum() + cfg.z_loss * zsq_rows.sum())
         ctx.save_for_backward(hidden, weight, bias, alpha, scale, target, div_rows)
         ctx.cfg, ctx.grads = cfg, grads
         ctx.mark_non_differentiable(scale)
-        return ce_rows, div_rows, loss
+        return ce_rows, div_rows, zsq_rows, loss
 
     @staticmethod
-    def backward(ctx, g_ce_rows, g_div_rows, g_loss):
+    def backward(ctx, g_ce_rows, g_div_rows, g_zsq_rows, g_loss):
         hidden, weight, bias, alpha, scale, target, div_rows = ctx.saved_tensors
         grads, ctx.grads = ctx.grads, None
         needs = ctx.needs_input_grad[:3]
         g_alpha = None
         if ctx.needs_input_grad[3] and g_loss is not None:
             g_alpha = (g_loss * scale * div_rows.sum()).to(alpha.dtype)
-        if g_ce_rows is None and g_div_rows is None and g_loss is None:
+        rows_used = g_ce_rows is not None or g_div_rows is not None or g_zsq_rows is not None
+        if g_loss is None and not rows_used:
             return None, None, None, g_alpha, None, None, None, None
-        if g_ce_rows is None and g_div_rows is None and grads is not None:
+        if not rows_used and grads is not None:
             factor = g_loss  # the forward's gradients are those of `loss`
         else:
-            m = hidden.shape[1]
             zero = hidden.new_zeros((), dtype=torch.float32)
-            w_ce = (zero if g_ce_rows is None else g_ce_rows.float()).expand(m)
-            w_div = (zero if g_div_rows is None else g_div_rows.float()).expand(m)
+            w_ce = zero if g_ce_rows is None else g_ce_rows
+            w_div = zero if g_div_rows is None else g_div_rows
+            w_z = g_zsq_rows
             if g_loss is not None:
                 w_ce = w_ce + g_loss * scale
                 w_div = w_div + g_loss * scale * alpha
-            _, _, grads = chunked_pass(hidden, weight, bias, target, ctx.cfg, w_ce.contiguous(), w_div.contiguous(), needs)
+                if ctx.cfg.z_loss > 0:
+                    w_z = (zero if w_z is None else w_z) + g_loss * scale * ctx.cfg.z_loss
+            *_, grads = chunked_pass(hidden, weight, bias, target, ctx.cfg,
+                                     _row_weights(hidden.shape[1], w_ce, w_div, w_z), needs)
             factor = None
         g_hidden, g_weight, g_bias = grads
         if factor is not None:
