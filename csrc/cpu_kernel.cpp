@@ -29,6 +29,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -66,11 +68,51 @@ inline float fast_exp(float x) {
   return x != x ? x : out;
 }
 
+// The logit transform of the LLM options, t = softcap·tanh(logit_scale·z / softcap) (t = logit_scale·z
+// without softcap), applied as the rows are loaded so that every statistic sees t. A logit at -inf
+// stays -inf: masked vocabulary padding must stay masked, where tanh would make it -softcap.
+struct Transform {
+  float scale = 1.0f, cap = 0.0f, inv_cap = 0.0f;
+  bool scaled = false, capped = false;
+
+  // tanh(u) = sign(u)·(1 − e)/(1 + e) with e = exp(−2|u|) ≤ 1: no overflow at any |u|, and fast_exp
+  // keeps it vectorisable (std::tanh is a libm call per element).
+  float apply(float z) const {
+    const float x = scaled ? z * scale : z;
+    if (!capped) return x;
+    const float u = x * inv_cap;
+    const float e = fast_exp(-2.0f * std::fabs(u));
+    const float out = cap * std::copysign((1.0f - e) / (1.0f + e), u);
+    return z == NEG_INF ? NEG_INF : out;
+  }
+  void apply(float* t, int64_t n) const {
+    if (capped) {
+      for (int64_t i = 0; i < n; ++i) t[i] = apply(t[i]);
+    } else if (scaled) {
+      for (int64_t i = 0; i < n; ++i) t[i] *= scale;
+    }
+  }
+  // dt/dz from t itself: logit_scale·(1 − (t/softcap)²); 0 where t = -inf (where the softcap form
+  // would give -inf, and torch's where() routes no gradient).
+  void chain(const float* t, float* g, int64_t n) const {
+    if (capped) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float r = t[i] * inv_cap;
+        g[i] = t[i] == NEG_INF ? 0.0f : g[i] * (scale * (1.0f - r * r));
+      }
+    } else if (scaled) {
+      for (int64_t i = 0; i < n; ++i) g[i] *= scale;
+    }
+  }
+};
+
 template <typename T>
 struct Rows {
   const T* data;
   int64_t stride_k, stride_v;
-  // Loads classes [v0, v0 + len) of pass k of the row at `row` into dst[0, padded), padding with -inf.
+  Transform tf;
+  // Loads classes [v0, v0 + len) of pass k of the row at `row` into dst[0, padded) as transformed
+  // logits t, padding with -inf.
   void load(const T* row, int64_t k, int64_t v0, int64_t len, int64_t padded, float* dst) const {
     const T* src = row + k * stride_k + v0 * stride_v;
     if (stride_v == 1) {
@@ -78,7 +120,11 @@ struct Rows {
     } else {
       for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<float>(src[i * stride_v]);
     }
+    tf.apply(dst, len);
     for (int64_t i = len; i < padded; ++i) dst[i] = NEG_INF;
+  }
+  float at(const T* row, int64_t k, int64_t v) const {
+    return tf.apply(static_cast<float>(row[k * stride_k + v * stride_v]));
   }
 };
 
@@ -186,178 +232,297 @@ struct Config {
   float eps;
 };
 
+// The weight of each row's terms in the quantity differentiated (RowWeights of ops/backend.py):
+// mean cross-entropy, divergence and, where z is not null, (1/K) Σ_k lse_k².
+struct Weights {
+  const float* ce;
+  const float* div;
+  const float* z;
+};
+
+// Where a gradient goes: element (k, n, v) at data + row_off[n] + k * stride_k + v * stride_v.
 template <typename T>
-void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* target, const Config& c,
-                  float* ce_row, float* div_row, float* lse_out, float* stat_out, int64_t N) {
+struct GradOut {
+  T* data;
+  const int64_t* row_off;
+  int64_t stride_k, stride_v;
+};
+
+// The one-pass forward keeps a token's exponentials from its statistics sweep to its gradient
+// sweep, so each logit's exponential is computed once: e = exp(t − σ) with σ the pass's running
+// max when its chunk was read, and later p = e · exp(σ − m_k) / S_k with the row's final max m_k
+// (σ − m_k is a difference of two logits, exact at any offset). 1 MiB per thread keeps the K rows'
+// exponentials in L2 for LLM vocabularies at small K; larger rows recompute exp(t − lse) instead.
+constexpr int64_t kCacheBudgetFloats = (int64_t(1) << 20) / sizeof(float);
+
+inline int64_t chunks_of(int64_t V) { return (V + CHUNK - 1) / CHUNK; }
+
+inline bool row_fits_cache(int64_t K, int64_t V, bool js) {
+  return (K + (js ? 1 : 0)) * chunks_of(V) * CHUNK <= kCacheBudgetFloats;
+}
+
+// Per-thread buffers of the row kernels.
+struct Scratch {
+  std::vector<float> z, p, lp, zref, tbar, ninf, pbar, lpbar, g, scratch;
+  std::vector<float> m, S, log_s, stat, lse, A, zsum, zy, ref_y;
+  // One-pass cache (empty when the rows do not fit): e per [chunk][k][CHUNK], σ per [chunk][k],
+  // and for JS log p̄ per [chunk][CHUNK] from the statistics' second sweep.
+  std::vector<float> e, shift, lpbar_row;
+  bool cached = false;
+
+  Scratch(int64_t K, int64_t V, bool js, bool cache)
+      : z(K * CHUNK), p(K * CHUNK), lp(K * CHUNK), zref(CHUNK), tbar(CHUNK), ninf(CHUNK), pbar(CHUNK), lpbar(CHUNK),
+        g(CHUNK), scratch(CHUNK), m(K), S(K), log_s(K), stat(K), lse(K), A(K), zsum(K), zy(K), ref_y(K),
+        cached(cache) {
+    if (cache) {
+      e.resize(chunks_of(V) * K * CHUNK);
+      shift.resize(chunks_of(V) * K);
+      if (js) lpbar_row.resize(chunks_of(V) * CHUNK);
+    }
+  }
+};
+
+// Statistics of one active row: fills sc.m, S, log_s, lse, stat and returns (ce, div) of the row.
+// With sc.cached, also keeps the row's exponentials (and log p̄ for JS) for row_gradient.
+template <typename T>
+std::pair<float, float> row_statistics(const Rows<T>& rows, const T* row, int64_t y, const Config& c, Scratch& sc) {
   const int64_t K = c.K, V = c.V;
   const bool smooth = c.has_ce && c.eps > 0.0f;
+  float* z = sc.z.data();
+  if (c.has_ce) {
+    // Cross-entropy is taken relative to the target logit (any finite reference would do).
+    for (int64_t k = 0; k < K; ++k) {
+      sc.zy[k] = rows.at(row, k, y);
+      sc.ref_y[k] = sc.zy[k] == NEG_INF ? 0.0f : sc.zy[k];
+    }
+  }
+  std::fill(sc.m.begin(), sc.m.end(), NEG_INF);
+  std::fill(sc.S.begin(), sc.S.end(), 0.0f);
+  std::fill(sc.A.begin(), sc.A.end(), 0.0f);
+  std::fill(sc.zsum.begin(), sc.zsum.end(), 0.0f);
+  bool partly_inf = false;
+  for (int64_t v0 = 0, chunk = 0; v0 < V; v0 += CHUNK, ++chunk) {
+    const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
+    for (int64_t k = 0; k < K; ++k) rows.load(row, k, v0, len, padded, &z[k * CHUNK]);
+    if (!c.js) {
+      deviation_refs(z, K, padded, sc.zref.data(), sc.tbar.data());
+      partly_inf |= infinite_count(z, K, padded, sc.ninf.data());
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float* zk = &z[k * CHUNK];
+      const float m_new = std::max(sc.m[k], lane_max(zk, padded));
+      // A row at -inf so far keeps m = -inf; shifting by 0 avoids (-inf) - (-inf).
+      const float shift = m_new == NEG_INF ? 0.0f : m_new;
+      const float scale = fast_exp(sc.m[k] - shift);
+      float* ek = sc.cached ? &sc.e[(chunk * K + k) * CHUNK] : sc.p.data();
+      if (sc.cached) sc.shift[chunk * K + k] = shift;
+      for (int64_t i = 0; i < padded; ++i) ek[i] = fast_exp(zk[i] - shift);
+      float s_acc[LANES] = {0}, a_acc[LANES] = {0};
+      for (int64_t i = 0; i < padded; i += LANES)
+        for (int j = 0; j < LANES; ++j) {
+          const float e = ek[i + j];
+          s_acc[j] += e;
+          // Classes at -inf in any pass add no finite term (those at -inf in only some make
+          // the row +inf below); a NaN logit gives e = NaN, which reaches the result.
+          if (!c.js)
+            a_acc[j] += sc.ninf[i + j] > 0.0f ? 0.0f : e * ((zk[i + j] - sc.zref[i + j]) - sc.tbar[i + j]);
+        }
+      sc.S[k] = sc.S[k] * scale + lane_sum(s_acc);
+      if (!c.js) sc.A[k] = sc.A[k] * scale + lane_sum(a_acc);
+      if (smooth) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < len; ++i) acc += zk[i] - sc.ref_y[k];
+        sc.zsum[k] += acc;
+      }
+      sc.m[k] = m_new;
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) sc.log_s[k] = std::log(sc.S[k]);
+  if (c.js) {
+    // Second sweep: KL_k = Σ p_k (log p_k − log p̄); log p̄ needs every lse_k first.
+    std::fill(sc.stat.begin(), sc.stat.end(), 0.0f);
+    for (int64_t v0 = 0, chunk = 0; v0 < V; v0 += CHUNK, ++chunk) {
+      const int64_t len = std::min(CHUNK, V - v0);
+      for (int64_t k = 0; k < K; ++k) {
+        rows.load(row, k, v0, len, len, &z[k * CHUNK]);
+        // log p_k = (t − m_k) − log S_k: two small differences whatever the logits' offset.
+        for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] = (z[k * CHUNK + i] - sc.m[k]) - sc.log_s[k];
+      }
+      float* lpbar = sc.cached ? &sc.lpbar_row[chunk * CHUNK] : sc.lpbar.data();
+      log_mean_prob(z, K, len, sc.scratch.data(), lpbar);
+      for (int64_t k = 0; k < K; ++k) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < len; ++i) {
+          const float lp = z[k * CHUNK + i], p = fast_exp(lp);
+          acc += p == 0.0f ? 0.0f : p * (lp - lpbar[i]);
+        }
+        sc.stat[k] += acc;
+      }
+    }
+  } else {
+    const float inf_term = partly_inf ? std::numeric_limits<float>::infinity() : 0.0f;
+    for (int64_t k = 0; k < K; ++k) sc.stat[k] = sc.A[k] / sc.S[k] + inf_term;
+  }
+  float div = 0.0f, ce = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    div += sc.stat[k];
+    sc.lse[k] = sc.m[k] + sc.log_s[k];
+    if (c.has_ce) {
+      // CE_k = lse_k − (1−ε)·t_y − ε·mean_v t, every term relative to ref_y.
+      const float ce_k = (sc.m[k] - sc.ref_y[k]) + sc.log_s[k];
+      ce += smooth ? ce_k - (1.0f - c.eps) * (sc.zy[k] - sc.ref_y[k]) - (c.eps / static_cast<float>(V)) * sc.zsum[k]
+                   : ce_k - (sc.zy[k] - sc.ref_y[k]);
+    }
+  }
+  return {c.has_ce ? ce / static_cast<float>(K) : 0.0f, div / static_cast<float>(K)};
+}
+
+template <typename T>
+void zero_row(T* grow, int64_t K, int64_t V, int64_t stride_k, int64_t stride_v) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t v = 0; v < V; ++v) grow[k * stride_k + v * stride_v] = T(0);
+}
+
+// The gradient of one active row (kernel_spec §2), from its lse_k and stat_k. With sc.cached (the
+// one-pass forward, right after row_statistics) p_k comes from the kept exponentials; otherwise
+// it is recomputed as exp(t − lse_k). Every read of a chunk happens before any write to it, so the
+// gradient may overwrite the logits.
+template <typename T>
+void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c, const float* lse,
+                  const float* stat, float w_ce, float w_div, float w_z, T* grow, int64_t gstride_k,
+                  int64_t gstride_v, Scratch& sc) {
+  const int64_t K = c.K, V = c.V;
+  const float inv_k = 1.0f / static_cast<float>(K);
+  const float smooth_term = c.has_ce ? c.eps / static_cast<float>(V) : 0.0f;
+  const float g_div = w_div * inv_k;
+  const float g_ce = c.has_ce ? w_ce * inv_k : 0.0f;
+  const float g_z = w_z * inv_k;
+  float *z = sc.z.data(), *p = sc.p.data(), *lp = sc.lp.data(), *g = sc.g.data();
+  for (int64_t v0 = 0, chunk = 0; v0 < V; v0 += CHUNK, ++chunk) {
+    const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
+    for (int64_t k = 0; k < K; ++k) {
+      float* zk = &z[k * CHUNK];
+      float* pk = &p[k * CHUNK];
+      rows.load(row, k, v0, len, padded, zk);
+      if (sc.cached) {
+        const float* ek = &sc.e[(chunk * K + k) * CHUNK];
+        const float to_p = fast_exp(sc.shift[chunk * K + k] - sc.m[k]) / sc.S[k];
+        for (int64_t i = 0; i < padded; ++i) pk[i] = ek[i] * to_p;
+      } else {
+        const float l = lse[k];
+        for (int64_t i = 0; i < padded; ++i) pk[i] = fast_exp(zk[i] - l);
+      }
+    }
+    const float* lpbar = sc.lpbar.data();
+    if (c.js) {
+      // log p_k as the forward forms it where its m_k and S_k are at hand.
+      for (int64_t k = 0; k < K; ++k) {
+        const float* zk = &z[k * CHUNK];
+        float* lpk = &lp[k * CHUNK];
+        if (sc.cached) {
+          for (int64_t i = 0; i < len; ++i) lpk[i] = (zk[i] - sc.m[k]) - sc.log_s[k];
+        } else {
+          for (int64_t i = 0; i < len; ++i) lpk[i] = zk[i] - lse[k];
+        }
+      }
+      if (sc.cached) {
+        lpbar = &sc.lpbar_row[chunk * CHUNK];
+      } else {
+        log_mean_prob(lp, K, len, sc.scratch.data(), sc.lpbar.data());
+      }
+    } else {
+      deviation_refs(z, K, padded, sc.zref.data(), sc.tbar.data());
+      for (int64_t i = 0; i < padded; ++i) sc.pbar[i] = 0.0f;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t i = 0; i < padded; ++i) sc.pbar[i] += p[k * CHUNK + i];
+      for (int64_t i = 0; i < padded; ++i) sc.pbar[i] *= inv_k;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float* zk = &z[k * CHUNK];
+      const float* pk = &p[k * CHUNK];
+      const float s = stat[k];
+      if (c.js) {
+        // ∂JS/∂t_j = (1/K) p_j ⊙ (r_j − KL_j)
+        const float* lpk = &lp[k * CHUNK];
+        for (int64_t i = 0; i < len; ++i) g[i] = g_div * (pk[i] == 0.0f ? 0.0f : pk[i] * (lpk[i] - lpbar[i] - s));
+      } else {
+        // ∂X/∂t_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
+        const float* zref = sc.zref.data();
+        const float* tbar = sc.tbar.data();
+        const float* pbar = sc.pbar.data();
+        for (int64_t i = 0; i < len; ++i)
+          g[i] = g_div * ((pk[i] == 0.0f ? 0.0f : pk[i] * ((zk[i] - zref[i]) - tbar[i] - s + 1.0f)) - pbar[i]);
+      }
+      // ∂CE_k/∂t_k = p_k − (1−ε)·onehot(y) − ε/V and ∂lse_k²/∂t_k = 2·lse_k·p_k share the p_k term.
+      const float p_coef = g_ce + 2.0f * g_z * (g_z != 0.0f ? lse[k] : 0.0f);
+      const float offset = g_ce * smooth_term;
+      if (c.has_ce || g_z != 0.0f)
+        for (int64_t i = 0; i < len; ++i) g[i] += p_coef * pk[i] - offset;
+      if (c.has_ce && y >= v0 && y < v0 + len) g[y - v0] -= g_ce * (1.0f - c.eps);
+      rows.tf.chain(zk, g, len);
+      T* dst = grow + k * gstride_k + v0 * gstride_v;
+      if (gstride_v == 1) {
+        for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(g[i]);
+      } else {
+        for (int64_t i = 0; i < len; ++i) dst[i * gstride_v] = static_cast<T>(g[i]);
+      }
+    }
+  }
+}
+
+// Statistics of every row; with `out` (the one-pass forward), also each row's gradient, written
+// in the same task while the row is in cache.
+template <typename T>
+void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* target, const Config& c,
+                  float* ce_row, float* div_row, float* lse_out, float* stat_out, int64_t N,
+                  const Weights* w, const GradOut<T>* out) {
+  const int64_t K = c.K, V = c.V;
+  const bool cache = out != nullptr && row_fits_cache(K, V, c.js);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(K * CHUNK), zref(CHUNK), tbar(CHUNK), ninf(CHUNK), lpbar(CHUNK), scratch(CHUNK);
-    std::vector<float> m(K), S(K), A(K), zsum(K), log_s(K), stat(K), zy(K), ref_y(K);
+    Scratch sc(K, V, c.js, cache);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t y = target[n];
       if (y < 0) {
         ce_row[n] = div_row[n] = 0.0f;
         for (int64_t k = 0; k < K; ++k) lse_out[k * N + n] = stat_out[k * N + n] = 0.0f;
+        if (out) zero_row(out->data + out->row_off[n], K, V, out->stride_k, out->stride_v);
         continue;
       }
       const T* row = rows.data + row_off[n];
-      if (c.has_ce) {
-        // Cross-entropy is taken relative to the target logit (any finite reference would do).
-        for (int64_t k = 0; k < K; ++k) {
-          zy[k] = static_cast<float>(row[k * rows.stride_k + y * rows.stride_v]);
-          ref_y[k] = zy[k] == NEG_INF ? 0.0f : zy[k];
-        }
-      }
-      std::fill(m.begin(), m.end(), NEG_INF);
-      std::fill(S.begin(), S.end(), 0.0f);
-      std::fill(A.begin(), A.end(), 0.0f);
-      std::fill(zsum.begin(), zsum.end(), 0.0f);
-      bool partly_inf = false;
-      for (int64_t v0 = 0; v0 < V; v0 += CHUNK) {
-        const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
-        for (int64_t k = 0; k < K; ++k) rows.load(row, k, v0, len, padded, &z[k * CHUNK]);
-        if (!c.js) {
-          deviation_refs(z.data(), K, padded, zref.data(), tbar.data());
-          partly_inf |= infinite_count(z.data(), K, padded, ninf.data());
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const float* zk = &z[k * CHUNK];
-          const float m_new = std::max(m[k], lane_max(zk, padded));
-          // A row at -inf so far keeps m = -inf; shifting by 0 avoids (-inf) - (-inf).
-          const float shift = m_new == NEG_INF ? 0.0f : m_new;
-          const float scale = fast_exp(m[k] - shift);
-          float s_acc[LANES] = {0}, a_acc[LANES] = {0};
-          for (int64_t i = 0; i < padded; i += LANES)
-            for (int j = 0; j < LANES; ++j) {
-              const float e = fast_exp(zk[i + j] - shift);
-              s_acc[j] += e;
-              // Classes at -inf in any pass add no finite term (those at -inf in only some make
-              // the row +inf below); a NaN logit gives e = NaN, which reaches the result.
-              if (!c.js)
-                a_acc[j] += ninf[i + j] > 0.0f ? 0.0f : e * ((zk[i + j] - zref[i + j]) - tbar[i + j]);
-            }
-          S[k] = S[k] * scale + lane_sum(s_acc);
-          if (!c.js) A[k] = A[k] * scale + lane_sum(a_acc);
-          if (smooth) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < len; ++i) acc += zk[i] - ref_y[k];
-            zsum[k] += acc;
-          }
-          m[k] = m_new;
-        }
-      }
-      for (int64_t k = 0; k < K; ++k) log_s[k] = std::log(S[k]);
-      if (c.js) {
-        // Second pass: KL_k = Σ p_k (log p_k − log p̄); log p̄ needs every lse_k first.
-        std::fill(stat.begin(), stat.end(), 0.0f);
-        for (int64_t v0 = 0; v0 < V; v0 += CHUNK) {
-          const int64_t len = std::min(CHUNK, V - v0);
-          for (int64_t k = 0; k < K; ++k) {
-            rows.load(row, k, v0, len, len, &z[k * CHUNK]);
-            // log p_k = (z − m_k) − log S_k: two small differences whatever the logits' offset.
-            for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] = (z[k * CHUNK + i] - m[k]) - log_s[k];
-          }
-          log_mean_prob(z.data(), K, len, scratch.data(), lpbar.data());
-          for (int64_t k = 0; k < K; ++k) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < len; ++i) {
-              const float lp = z[k * CHUNK + i], p = fast_exp(lp);
-              acc += p == 0.0f ? 0.0f : p * (lp - lpbar[i]);
-            }
-            stat[k] += acc;
-          }
-        }
-      } else {
-        const float inf_term = partly_inf ? std::numeric_limits<float>::infinity() : 0.0f;
-        for (int64_t k = 0; k < K; ++k) stat[k] = A[k] / S[k] + inf_term;
-      }
-      float div = 0.0f, ce = 0.0f;
+      const auto [ce, div] = row_statistics(rows, row, y, c, sc);
+      ce_row[n] = ce;
+      div_row[n] = div;
       for (int64_t k = 0; k < K; ++k) {
-        div += stat[k];
-        lse_out[k * N + n] = m[k] + log_s[k];
-        stat_out[k * N + n] = stat[k];
-        if (c.has_ce) {
-          // CE_k = lse_k − (1−ε)·z_y − ε·mean_v z, every term relative to ref_y.
-          const float ce_k = (m[k] - ref_y[k]) + log_s[k];
-          ce += smooth ? ce_k - (1.0f - c.eps) * (zy[k] - ref_y[k]) - (c.eps / static_cast<float>(V)) * zsum[k]
-                       : ce_k - (zy[k] - ref_y[k]);
-        }
+        lse_out[k * N + n] = sc.lse[k];
+        stat_out[k * N + n] = sc.stat[k];
       }
-      div_row[n] = div / static_cast<float>(K);
-      ce_row[n] = c.has_ce ? ce / static_cast<float>(K) : 0.0f;
+      if (out)
+        row_gradient(rows, row, y, c, sc.lse.data(), sc.stat.data(), w->ce[n], w->div[n], w->z ? w->z[n] : 0.0f,
+                     out->data + out->row_off[n], out->stride_k, out->stride_v, sc);
     }
   });
 }
 
 template <typename T>
 void backward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* target, const Config& c,
-                   const float* lse, const float* stat, const float* g_ce_row, const float* g_div_row,
-                   T* grad, const int64_t* grad_row_off, int64_t grad_stride_k, int64_t grad_stride_v, int64_t N) {
+                   const float* lse, const float* stat, const Weights& w, const GradOut<T>& out, int64_t N) {
   const int64_t K = c.K, V = c.V;
-  const float inv_k = 1.0f / static_cast<float>(K);
-  const float smooth_term = c.has_ce ? c.eps / static_cast<float>(V) : 0.0f;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(K * CHUNK), p(K * CHUNK), zref(CHUNK), tbar(CHUNK), pbar(CHUNK), lpbar(CHUNK), g(CHUNK),
-        scratch(CHUNK);
+    Scratch sc(K, V, c.js, false);
+    std::vector<float> lse_n(K), stat_n(K);
     for (int64_t n = begin; n < end; ++n) {
-      T* grow = grad + grad_row_off[n];
+      T* grow = out.data + out.row_off[n];
       const int64_t y = target[n];
       if (y < 0) {
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t v = 0; v < V; ++v) grow[k * grad_stride_k + v * grad_stride_v] = T(0);
+        zero_row(grow, K, V, out.stride_k, out.stride_v);
         continue;
       }
-      const T* row = rows.data + row_off[n];
-      const float g_div = g_div_row[n] * inv_k;
-      const float g_ce = c.has_ce ? g_ce_row[n] * inv_k : 0.0f;
-      for (int64_t v0 = 0; v0 < V; v0 += CHUNK) {
-        const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
-        // Every read of this chunk happens before any write: safe when grad aliases the logits.
-        for (int64_t k = 0; k < K; ++k) {
-          float* zk = &z[k * CHUNK];
-          float* pk = &p[k * CHUNK];
-          rows.load(row, k, v0, len, padded, zk);
-          const float l = lse[k * N + n];
-          for (int64_t i = 0; i < padded; ++i) pk[i] = fast_exp(zk[i] - l);
-        }
-        if (c.js) {
-          for (int64_t k = 0; k < K; ++k)
-            for (int64_t i = 0; i < len; ++i) z[k * CHUNK + i] -= lse[k * N + n];  // now log p_k
-          log_mean_prob(z.data(), K, len, scratch.data(), lpbar.data());
-        } else {
-          deviation_refs(z.data(), K, padded, zref.data(), tbar.data());
-          for (int64_t i = 0; i < padded; ++i) pbar[i] = 0.0f;
-          for (int64_t k = 0; k < K; ++k)
-            for (int64_t i = 0; i < padded; ++i) pbar[i] += p[k * CHUNK + i];
-          for (int64_t i = 0; i < padded; ++i) pbar[i] *= inv_k;
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const float* zk = &z[k * CHUNK];
-          const float* pk = &p[k * CHUNK];
-          const float s = stat[k * N + n];
-          if (c.js) {
-            // ∂JS/∂z_j = (1/K) p_j ⊙ (r_j − KL_j)
-            for (int64_t i = 0; i < len; ++i)
-              g[i] = g_div * (pk[i] == 0.0f ? 0.0f : pk[i] * (zk[i] - lpbar[i] - s));
-          } else {
-            // ∂X/∂z_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
-            for (int64_t i = 0; i < len; ++i)
-              g[i] = g_div * ((pk[i] == 0.0f ? 0.0f : pk[i] * ((zk[i] - zref[i]) - tbar[i] - s + 1.0f)) - pbar[i]);
-          }
-          if (c.has_ce) {
-            // ∂CE_k/∂z_k = p_k − (1−ε)·onehot(y) − ε/V
-            for (int64_t i = 0; i < len; ++i) g[i] += g_ce * (pk[i] - smooth_term);
-            if (y >= v0 && y < v0 + len) g[y - v0] -= g_ce * (1.0f - c.eps);
-          }
-          T* dst = grow + k * grad_stride_k + v0 * grad_stride_v;
-          if (grad_stride_v == 1) {
-            for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(g[i]);
-          } else {
-            for (int64_t i = 0; i < len; ++i) dst[i * grad_stride_v] = static_cast<T>(g[i]);
-          }
-        }
+      for (int64_t k = 0; k < K; ++k) {
+        lse_n[k] = lse[k * N + n];
+        stat_n[k] = stat[k * N + n];
       }
+      row_gradient(rows, rows.data + row_off[n], y, c, lse_n.data(), stat_n.data(), w.ce[n], w.div[n],
+                   w.z ? w.z[n] : 0.0f, grow, out.stride_k, out.stride_v, sc);
     }
   });
 }
@@ -370,21 +535,28 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& row_off, const at:
   TORCH_CHECK(row_off.numel() == target.numel(), "row_off and target must have N elements");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& logits, const at::Tensor& row_off, const at::Tensor& target, bool js, double eps, bool has_ce) {
-  check_inputs(logits, row_off, target);
-  const int64_t K = logits.size(0), V = logits.size(-1), N = row_off.numel();
-  auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor ce = at::empty({N}, f32), div = at::empty({N}, f32), lse = at::empty({K, N}, f32),
-             stat = at::empty({K, N}, f32);
-  const Config c{K, V, js, has_ce, static_cast<float>(eps)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "intradistill_forward", [&] {
-    Rows<scalar_t> rows{logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(-1)};
-    forward_rows<scalar_t>(rows, row_off.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(), c,
-                           ce.data_ptr<float>(), div.data_ptr<float>(), lse.data_ptr<float>(),
-                           stat.data_ptr<float>(), N);
-  });
-  return {ce, div, lse, stat};
+void check_row_vector(const at::Tensor& t, int64_t N, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == N,
+              name, " must be a contiguous float32 tensor of N elements");
+}
+
+void check_grad(const at::Tensor& grad, const at::Tensor& grad_row_off, const at::Tensor& logits, int64_t N) {
+  TORCH_CHECK(grad.scalar_type() == logits.scalar_type() && grad.sizes() == logits.sizes(),
+              "grad must match logits in shape and dtype");
+  TORCH_CHECK(grad_row_off.scalar_type() == at::kLong && grad_row_off.is_contiguous() && grad_row_off.numel() == N,
+              "grad_row_off must be contiguous int64 of N elements");
+}
+
+Transform make_transform(double logit_scale, double softcap) {
+  TORCH_CHECK(std::isfinite(logit_scale) && logit_scale > 0.0, "logit_scale must be finite and > 0");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "softcap must be finite and >= 0 (0: off)");
+  Transform tf;
+  tf.scale = static_cast<float>(logit_scale);
+  tf.scaled = logit_scale != 1.0;
+  tf.capped = softcap > 0.0;
+  tf.cap = static_cast<float>(softcap);
+  tf.inv_cap = tf.capped ? static_cast<float>(1.0 / softcap) : 0.0f;
+  return tf;
 }
 
 // A fresh gradient buffer as large as the logits comes straight from mmap, and faulting it in
@@ -400,23 +572,67 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-void backward(const at::Tensor& logits, const at::Tensor& row_off, const at::Tensor& target,
-              const at::Tensor& lse, const at::Tensor& stat, const at::Tensor& g_ce, const at::Tensor& g_div,
-              bool js, double eps, bool has_ce, at::Tensor grad, const at::Tensor& grad_row_off) {
+Weights weights_of(const at::Tensor& w_ce, const at::Tensor& w_div, const std::optional<at::Tensor>& w_z, int64_t N) {
+  check_row_vector(w_ce, N, "w_ce");
+  check_row_vector(w_div, N, "w_div");
+  if (w_z) check_row_vector(*w_z, N, "w_z");
+  return {w_ce.const_data_ptr<float>(), w_div.const_data_ptr<float>(), w_z ? w_z->const_data_ptr<float>() : nullptr};
+}
+
+// With grad (and w_ce, w_div, optionally w_z): the one-pass forward, which also writes each row's
+// gradient with these weights.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& logits, const at::Tensor& row_off, const at::Tensor& target, bool js, double eps, bool has_ce,
+    double logit_scale, double softcap, const std::optional<at::Tensor>& w_ce, const std::optional<at::Tensor>& w_div,
+    const std::optional<at::Tensor>& w_z, const std::optional<at::Tensor>& grad,
+    const std::optional<at::Tensor>& grad_row_off) {
   check_inputs(logits, row_off, target);
-  TORCH_CHECK(grad.scalar_type() == logits.scalar_type() && grad.sizes() == logits.sizes(),
-              "grad must match logits in shape and dtype");
-  for (const at::Tensor* t : {&lse, &stat, &g_ce, &g_div})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "saved statistics must be contiguous float32");
   const int64_t K = logits.size(0), V = logits.size(-1), N = row_off.numel();
+  auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor ce = at::empty({N}, f32), div = at::empty({N}, f32), lse = at::empty({K, N}, f32),
+             stat = at::empty({K, N}, f32);
   const Config c{K, V, js, has_ce, static_cast<float>(eps)};
+  const Transform tf = make_transform(logit_scale, softcap);
+  Weights w{};
+  if (grad) {
+    TORCH_CHECK(w_ce && w_div && grad_row_off, "the one-pass forward needs w_ce, w_div and grad_row_off with grad");
+    check_grad(*grad, *grad_row_off, logits, N);
+    w = weights_of(*w_ce, *w_div, w_z, N);
+    if (grad->storage().data() != logits.storage().data()) advise_huge_pages(*grad);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "intradistill_forward", [&] {
+    Rows<scalar_t> rows{logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(-1), tf};
+    std::optional<GradOut<scalar_t>> out;
+    if (grad)
+      out = GradOut<scalar_t>{grad->data_ptr<scalar_t>(), grad_row_off->const_data_ptr<int64_t>(), grad->stride(0),
+                              grad->stride(-1)};
+    forward_rows<scalar_t>(rows, row_off.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(), c,
+                           ce.data_ptr<float>(), div.data_ptr<float>(), lse.data_ptr<float>(),
+                           stat.data_ptr<float>(), N, grad ? &w : nullptr, out ? &*out : nullptr);
+  });
+  return {ce, div, lse, stat};
+}
+
+void backward(const at::Tensor& logits, const at::Tensor& row_off, const at::Tensor& target,
+              const at::Tensor& lse, const at::Tensor& stat, const at::Tensor& w_ce, const at::Tensor& w_div,
+              const std::optional<at::Tensor>& w_z, bool js, double eps, bool has_ce, double logit_scale,
+              double softcap, at::Tensor grad, const at::Tensor& grad_row_off) {
+  check_inputs(logits, row_off, target);
+  const int64_t K = logits.size(0), V = logits.size(-1), N = row_off.numel();
+  check_grad(grad, grad_row_off, logits, N);
+  for (const at::Tensor* t : {&lse, &stat})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == K * N,
+                "saved statistics must be contiguous float32 [K, N]");
+  const Weights w = weights_of(w_ce, w_div, w_z, N);
+  const Config c{K, V, js, has_ce, static_cast<float>(eps)};
+  const Transform tf = make_transform(logit_scale, softcap);
   if (grad.storage().data() != logits.storage().data()) advise_huge_pages(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "intradistill_backward", [&] {
-    Rows<scalar_t> rows{logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(-1)};
+    Rows<scalar_t> rows{logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(-1), tf};
+    const GradOut<scalar_t> out{grad.data_ptr<scalar_t>(), grad_row_off.const_data_ptr<int64_t>(), grad.stride(0),
+                                grad.stride(-1)};
     backward_rows<scalar_t>(rows, row_off.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(), c,
-                            lse.const_data_ptr<float>(), stat.const_data_ptr<float>(), g_ce.const_data_ptr<float>(),
-                            g_div.const_data_ptr<float>(), grad.data_ptr<scalar_t>(),
-                            grad_row_off.const_data_ptr<int64_t>(), grad.stride(0), grad.stride(-1), N);
+                            lse.const_data_ptr<float>(), stat.const_data_ptr<float>(), w, out, N);
   });
 }
 
@@ -426,8 +642,12 @@ int64_t max_passes(const at::Tensor&) { return std::numeric_limits<int64_t>::max
 }  // namespace
 
 TORCH_LIBRARY(intradistill_cpp, m) {
-  m.def("forward(Tensor logits, Tensor row_off, Tensor target, bool js, float eps, bool has_ce) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("backward(Tensor logits, Tensor row_off, Tensor target, Tensor lse, Tensor stat, Tensor g_ce, Tensor g_div, bool js, float eps, bool has_ce, Tensor(a!) grad, Tensor grad_row_off) -> ()");
+  m.def("forward(Tensor logits, Tensor row_off, Tensor target, bool js, float label_smoothing, bool has_ce, "
+        "float logit_scale, float softcap, Tensor? w_ce, Tensor? w_div, Tensor? w_z, Tensor(a!)? grad, "
+        "Tensor? grad_row_off) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("backward(Tensor logits, Tensor row_off, Tensor target, Tensor lse, Tensor stat, Tensor w_ce, Tensor w_div, "
+        "Tensor? w_z, bool js, float label_smoothing, bool has_ce, float logit_scale, float softcap, "
+        "Tensor(a!) grad, Tensor grad_row_off) -> ()");
   // The largest K the kernels of probe's device accept (int64 max: any); Python reads the limit
   // from here instead of keeping a copy of a constant that lives in C++.
   m.def("max_passes(Tensor probe) -> int");

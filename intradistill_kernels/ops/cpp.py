@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import extension_spec as spec
-from .backend import RowsConfig, RowStats
+from .backend import EarlyGrad, RowsConfig, RowStats, RowWeights
 from .rows import row_offsets
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -221,13 +221,20 @@ class _Backend:
             self.is_available()
         return _state.get(f"{self.kind}_max_passes")  # type: ignore[return-value]
 
-    def forward(self, logits, target, cfg: RowsConfig) -> RowStats:
+    def forward(self, logits, target, cfg: RowsConfig, early: EarlyGrad | None = None) -> RowStats:
+        w_ce = w_div = w_z = grad = grad_off = None
+        if early is not None:
+            w_ce, w_div, w_z = (None if w is None else w.float().contiguous() for w in early.weights)
+            grad, grad_off = early.grad, row_offsets(early.grad)
         return RowStats(*torch.ops.intradistill_cpp.forward(
-            logits, row_offsets(logits), target, cfg.js, cfg.label_smoothing, cfg.has_ce))
+            logits, row_offsets(logits), target, cfg.js, cfg.label_smoothing, cfg.has_ce, cfg.logit_scale,
+            cfg.softcap, w_ce, w_div, w_z, grad, grad_off))
 
-    def backward(self, logits, target, lse, stat, g_ce, g_div, cfg: RowsConfig, grad) -> None:
-        torch.ops.intradistill_cpp.backward(logits, row_offsets(logits), target, lse, stat, g_ce, g_div, cfg.js,
-                                            cfg.label_smoothing, cfg.has_ce, grad, row_offsets(grad))
+    def backward(self, logits, target, lse, stat, weights: RowWeights, cfg: RowsConfig, grad) -> None:
+        w_ce, w_div, w_z = (None if w is None else w.float().contiguous() for w in weights)
+        torch.ops.intradistill_cpp.backward(logits, row_offsets(logits), target, lse, stat, w_ce, w_div, w_z, cfg.js,
+                                            cfg.label_smoothing, cfg.has_ce, cfg.logit_scale, cfg.softcap, grad,
+                                            row_offsets(grad))
 
 
 cpu_backend = _Backend("cpu")
