@@ -19,6 +19,7 @@ Tensor = torch.Tensor
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 DIVERGENCES = ("x", "js", "jeffrey")
+PLAIN_DIVERGENCES = ("x", "js")  # those with a function of their own (jeffrey is K/(K-1)·X)
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
-from ._core import DIVERGENCES, REDUCTIONS, check_choice
+from ._core import DIVERGENCES, PLAIN_DIVERGENCES, REDUCTIONS, check_choice
 
 
 class XDivergenceLoss(torch.nn.Module):
@@ -14,7 +14,7 @@ class XDivergenceLoss(torch.nn.Module):
     def __init__(self, reduction: str = "mean", backend: str = "auto", divergence: str = "x"):
         super().__init__()
         check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("divergence", divergence, ("x", "js"))
+        check_choice("divergence", divergence, PLAIN_DIVERGENCES)
         self.reduction, self.backend, self.divergence = reduction, backend, divergence
 
     def forward(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
