@@ -11,12 +11,18 @@ import os
 
 import torch
 
-from ..backend import RowsConfig, RowStats
+from ..backend import EarlyGrad, RowsConfig, RowStats, RowWeights
 from ..rows import row_offsets
 
-# fp32 values a thread holds per [K_PAD, BLOCK_V] temporary; above this the compiler spills.
-VALUES_PER_THREAD = 64
+# fp32 values a thread holds per [K_PAD, BLOCK_V] temporary; above this the compiler spills
+# (at 64, 16-bit inputs with K_PAD = 8 spilled 32 bytes and needed up to 245 registers on sm_90).
+VALUES_PER_THREAD = 32
 NUM_WARPS = 8
+# The occupancy launch_config assumes: at least two programs resident per SM, so that one streams
+# its rows while the other finishes its reductions and stores. With NUM_WARPS warps that caps a
+# thread at 65536 / (2 * 256) = 128 registers; tests/aot_compile.py checks every compiled variant
+# against it (and for 0 bytes of spill) with ptxas -v, and names the few that get one program.
+MIN_PROGRAMS_PER_SM = 2
 
 
 # Any K: a token's rows are one [K_PAD, BLOCK_V] tile whose width shrinks as K grows.
