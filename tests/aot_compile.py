@@ -7,7 +7,10 @@ import of triton: the interpreter, which the rest of the suite uses, patches tri
 """
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
@@ -15,16 +18,38 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from intradistill_kernels.ops.triton import kernels, launch_config  # noqa: E402
+from helpers import parse_ptxas_verbose  # noqa: E402  (this script's folder is on sys.path)
+from intradistill_kernels.ops.triton import MIN_PROGRAMS_PER_SM, kernels, launch_config  # noqa: E402
+
+REGISTERS_PER_SM = 65536  # sm_80 and sm_90 alike
+MAX_REGISTERS_PER_THREAD = 255
+
+
+def programs_per_sm_assumed(kernel_name, shape, flags, options=None) -> int:
+    """MIN_PROGRAMS_PER_SM, except where it is measured not to hold: the forward with label
+    smoothing from K = 5 (K_PAD = 8) keeps the smoothing row sum as one more [K_PAD, BLOCK_V]
+    temporary and needs up to 166 registers (fp32, K = 8, sm_90): one program per SM there."""
+    has_ce, smooth, _ = flags
+    if kernel_name == "_forward_kernel" and smooth and shape[0] >= 5:
+        return 1
+    # Likewise softcap (t and its tanh live beside the tile) and the one-pass forward's gradient
+    # sweep at K_PAD = 8: 150-190 registers on sm_90 (measured), one program per SM.
+    if shape[0] >= 5 and any((options or {}).get(n) for n in ("SOFTCAP", "EARLY")):
+        return 1
+    return MIN_PROGRAMS_PER_SM
 
 TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# (K, V) pairs covering every K_PAD and both the tiny-V and the looping-V block shapes.
-SHAPES = [(2, 3), (3, 32000), (4, 128256), (5, 50257), (8, 1000)]
+# (K, V) pairs covering every K from 2 to 8 (K is a compile-time constant), every K_PAD and both
+# the tiny-V and the looping-V block shapes.
+SHAPES = [(2, 3), (3, 32000), (4, 128256), (5, 50257), (6, 262144), (7, 152064), (8, 1000)]
 FLAGS = [  # (HAS_CE, SMOOTH, JS) as the dispatcher combines them
     (False, False, False), (False, False, True), (True, False, False), (True, True, False),
     (True, False, True), (True, True, True),
 ]
+# The logit transforms, the z-loss gradient and the one-pass forward all on: their code is a
+# superset of every other combination of these constexprs (EARLY only exists in the forward).
+ALL_OPTIONS = {"SCALE": True, "SOFTCAP": True, "HAS_Z": True, "EARLY": True}
 
 
 def signature(kernel, dtype, constexprs):
@@ -38,7 +63,7 @@ def signature(kernel, dtype, constexprs):
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
-        elif name == "label_smoothing":
+        elif name in ("label_smoothing", "logit_scale", "softcap"):
             sig[name] = "fp32"
         elif "stride" in name:
             sig[name] = "i64"
@@ -50,18 +75,20 @@ def signature(kernel, dtype, constexprs):
 def variants():
     """Every flag combination on one shape, every shape with the two heaviest combinations, and
     the strided layouts the host can pass (any alignment, vocabulary stride != 1)."""
-    yield from (((3, 32000), f, None, True) for f in FLAGS)
-    yield from ((s, f, None, True) for s in SHAPES if s != (3, 32000) for f in FLAGS[3:5])
-    yield from (((3, 32000), FLAGS[3], a, False) for a in (1, 2, 4))
+    for options in ({}, ALL_OPTIONS):
+        yield from (((3, 32000), f, None, True, options) for f in FLAGS)
+        yield from ((s, f, None, True, options) for s in SHAPES if s != (3, 32000) for f in FLAGS[3:5])
+        yield from (((3, 32000), FLAGS[3], a, False, options) for a in (1, 2, 4))
 
 
-def compile_variant(kernel, dtype, cap, shape, flags, align, contiguous):
+def compile_variant(kernel, dtype, cap, shape, flags, align, contiguous, options=None):
     """As the launcher specialises at run time: a unit vocabulary stride becomes a constant,
     pointers and 16-divisible integers carry tt.divisibility."""
     cfg = launch_config(*shape, ELEMENT_BYTES[dtype])
     num_warps = cfg.pop("num_warps")
     has_ce, smooth, js = flags
     constexprs = dict(cfg, HAS_CE=has_ce, SMOOTH=smooth, JS=js, ALIGN=align or 16 // ELEMENT_BYTES[dtype])
+    constexprs.update({n: bool((options or {}).get(n)) for n in ALL_OPTIONS if n in kernel.arg_names})
     divisible = [n for n in kernel.arg_names if n.endswith("_ptr")]
     if contiguous:
         constexprs.update({n: 1 for n in ("stride_v", "grad_stride_v") if n in kernel.arg_names})
@@ -73,12 +100,44 @@ def compile_variant(kernel, dtype, cap, shape, flags, align, contiguous):
     return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps})
 
 
+def register_budget(num_warps: int, programs_per_sm: int = MIN_PROGRAMS_PER_SM) -> int:
+    """Registers per thread that let `programs_per_sm` programs of num_warps warps share an SM.
+    Registers are allocated per warp in units of 256, i.e. 8 per thread: round down to that."""
+    per_thread = REGISTERS_PER_SM // (programs_per_sm * num_warps * 32)
+    return min(MAX_REGISTERS_PER_THREAD, per_thread - per_thread % 8)
+
+
+def ptxas_usage(ptx: str, cap: int) -> dict:
+    """Registers and spill bytes of the kernel in `ptx`, from `ptxas -v` (the compiled kernel
+    only reports them once loaded on a GPU). Uses the ptxas Triton itself compiles with."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{cap}a" if cap >= 90 else f"sm_{cap}"  # Triton targets the arch-specific sm_90a
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([get_ptxas(cap).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    return parse_ptxas_verbose(run.stdout + run.stderr)[0]
+
+
 def main(kernel_name, dtype, cap):
     kernel = getattr(kernels, kernel_name)
     count = 0
-    for shape, flags, align, contiguous in variants():
-        compiled = compile_variant(kernel, dtype, cap, shape, flags, align, contiguous)
+    most_registers = 0
+    for shape, flags, align, contiguous, options in variants():
+        compiled = compile_variant(kernel, dtype, cap, shape, flags, align, contiguous, options)
         ptx = compiled.asm["ptx"]
+        usage = ptxas_usage(ptx, cap)
+        what = f"{kernel_name} {dtype} sm_{cap} K,V={shape} (CE, smooth, JS)={flags} align={align} {sorted(options)}"
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"register spill in {what}: {usage}"
+        programs = programs_per_sm_assumed(kernel_name, shape, flags, options)
+        budget = register_budget(compiled.metadata.num_warps, programs)
+        assert usage["registers"] <= budget, (
+            f"{what}: {usage['registers']} registers > {budget}, too many for {programs} programs of "
+            f"{compiled.metadata.num_warps} warps per SM (MIN_PROGRAMS_PER_SM in ops/triton/__init__.py)")
+        most_registers = max(most_registers, usage["registers"])
         assert ".entry" in ptx and len(compiled.asm["cubin"]) > 0
         if contiguous and shape[1] % 16 == 0:
             # Aligned contiguous rows must be read with 16-byte vector loads (bandwidth), and
@@ -87,7 +146,8 @@ def main(kernel_name, dtype, cap):
             if kernel_name == "_backward_kernel":
                 assert "bar.sync" not in ptx, f"barrier in {kernel_name} {dtype} {shape} {flags}"
         count += 1
-    print(f"compiled {count} variants of {kernel_name} for {dtype} on sm_{cap}")
+    print(f"compiled {count} variants of {kernel_name} for {dtype} on sm_{cap}: 0 bytes spilled, "
+          f"at most {most_registers} registers per thread")
 
 
 if __name__ == "__main__":

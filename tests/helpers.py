@@ -4,6 +4,7 @@ checks (one table per dtype)."""
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from unittest import mock
 
@@ -145,3 +146,16 @@ def assert_within_eager_error(got: torch.Tensor, exact: torch.Tensor, eager: tor
     assert not bool(bad.any()), (
         f"{int(bad.sum())} of {err.numel()} elements beyond torch eager's error + tolerance; "
         f"worst excess {float((err - bound).max()):.3g} at |exact| {float(exact.abs()[finite][(err - bound).argmax()]):.3g}")
+
+
+def parse_ptxas_verbose(text: str) -> list[dict]:
+    """One {name, registers, spill_stores, spill_loads, stack} per function in `ptxas -v` output."""
+    out = []
+    for block in re.split(r"(?=Function properties for )", text)[1:]:
+        name = block.split("Function properties for ", 1)[1].split()[0]
+        spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        regs = re.search(r"Used (\d+) registers", block)
+        if spill and regs:
+            out.append({"name": name, "registers": int(regs.group(1)), "stack": int(spill.group(1)),
+                        "spill_stores": int(spill.group(2)), "spill_loads": int(spill.group(3))})
+    return out

@@ -53,6 +53,18 @@ def ours(backend: str):
     return fn
 
 
+def ours_two_pass(backend: str):
+    """The same loss through its exact two-pass path: per-row outputs reduced outside the kernel,
+    so the forward cannot know the row weights and the backward reads the logits again (the
+    default `ours` lets the one-pass forward write the gradient in its own sweep)."""
+    def fn(logits, target):
+        if target is None:
+            return idk.x_divergence(logits, reduction="none", backend=backend).mean()
+        return idk.intra_distillation_loss(logits, target, ALPHA, reduction="none", backend=backend).loss.mean()
+    fn.__name__ = f"intradistill[{backend}].two-pass"
+    return fn
+
+
 def compiled(fn):
     c = torch.compile(fn, dynamic=False)
     c.__name__ = f"torch.compile({fn.__name__})"
@@ -93,6 +105,7 @@ def contenders(device: str, k: int, with_compile: bool = True) -> dict:
         if backend == "cpu" and device != "cpu":
             continue
         out[f"intradistill[{backend}]"] = (ours(backend), "x")
+        out[f"intradistill[{backend}].two-pass"] = (ours_two_pass(backend), "x")
     out["paper_eager"] = (paper_eager, "x")
     if with_compile:
         out["paper_eager+torch.compile"] = (compiled(paper_eager), "x")

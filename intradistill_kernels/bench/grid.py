@@ -17,6 +17,12 @@ CPU_SHAPES = [(3, 512, 32000), (2, 512, 32000), (4, 128, 50257)]
 QUICK_SHAPES = [(3, 128, 8000), (2, 128, 8000)]
 
 
+# `make gpu-check`: the grid a GPU is validated on in a few minutes (peak memory included), and
+# the tiny stand-in its CPU-side logic is tested with (--device cpu --dry-run).
+GPU_CHECK_SHAPES = [(k, n, v) for k in (2, 3, 4) for n in (4096, 16384) for v in (32000, 128256, 152064, 262144)]
+DRY_RUN_SHAPES = [(2, 8, 256), (3, 4, 300)]
+
+
 @dataclass(frozen=True)
 class Grid:
     shapes: list[tuple[int, int, int]]
@@ -36,3 +42,9 @@ def grid_for(device: str, quick: bool = False, reps: int = 5) -> Grid:
     if device == "cuda":
         return Grid(GPU_SHAPES, [torch.bfloat16, torch.float32], MODES, LOSSES, reps)
     return Grid(CPU_SHAPES, [torch.float32], MODES, LOSSES, reps)
+
+
+def gpu_check_grid(dry_run: bool = False) -> Grid:
+    """bf16 and fp32, forward, backward and forward+backward, CE + X and X alone."""
+    return Grid(DRY_RUN_SHAPES if dry_run else GPU_CHECK_SHAPES, [torch.bfloat16, torch.float32], MODES, LOSSES,
+                1 if dry_run else 5)

@@ -33,10 +33,24 @@ def run_metadata(device: str, quick: bool) -> dict:
             "backends": idk.available_backends(), "quick": bool(quick)}
 
 
-def _time_case(row, name, fn, logits, target, mode, grid: Grid, device, bandwidth, floor, with_memory) -> None:
+def _mode_ms(times: dict, fn, logits, target, mode, grid: Grid, device) -> float:
+    """Time of `mode`, cached in `times` across the modes of one case. The backward is the
+    forward+backward time less the forward's: a fused loss may compute its gradient during the
+    forward (then the backward only scales it, in place, and cannot be replayed on its own)."""
+    if mode not in times:
+        if mode == "backward":
+            both = _mode_ms(times, fn, logits, target, "forward+backward", grid, device)
+            times[mode] = max(both - _mode_ms(times, fn, logits, target, "forward", grid, device), 1e-6)
+        else:
+            times[mode] = time_ms(mode_callables(fn, logits, target, mode), device, grid.reps)
+    return times[mode]
+
+
+def _time_case(row, name, fn, logits, target, mode, grid: Grid, device, bandwidth, floor, with_memory,
+               times: dict) -> None:
     """Fills `row` with the time, bandwidth, floor ratio and peak memory of one correct case."""
     k, n, v = logits.shape[0], row["N"], row["V"]
-    ms = time_ms(mode_callables(fn, logits, target, mode), device, grid.reps)
+    ms = _mode_ms(times, fn, logits, target, mode, grid, device)
     nbytes = minimal_bytes(k, n, v, logits.element_size(), mode)
     row.update(ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, pct_copy_bw=100 * nbytes / (ms * 1e-3) / bandwidth)
     if floor and mode == "forward+backward":
@@ -46,14 +60,16 @@ def _time_case(row, name, fn, logits, target, mode, grid: Grid, device, bandwidt
         row["peak_extra_mb"] = None if extra is None else extra / 2**20
 
 
-def measure_shape(k, n, v, dtype, grid: Grid, device: str, *, with_compile=True, with_memory=True) -> list[dict]:
+def measure_shape(k, n, v, dtype, grid: Grid, device: str, *, with_compile=True, with_memory=True,
+                  bandwidth: float | None = None) -> list[dict]:
     """Rows for one (K, N, V, dtype): each contender checked against the reference, then timed in
-    every mode of the grid if correct; a wrong contender gets rows marked incorrect and no time."""
+    every mode of the grid if correct; a wrong contender gets rows marked incorrect and no time.
+    `bandwidth`: the device's copy bandwidth (bytes/s), measured on these logits when None."""
     try:
         logits, target = make_inputs(k, n, v, dtype, device)
     except torch.OutOfMemoryError:
         return [{"K": k, "N": n, "V": v, "dtype": str(dtype), "skipped": "out of memory for the inputs"}]
-    bandwidth = copy_bandwidth(logits, device, grid.reps)
+    bandwidth = bandwidth or copy_bandwidth(logits, device, grid.reps)
     floor = cpu_floor_ms(logits, grid.reps) if device == "cpu" else None
     # Each shape, loss and grad mode is a new graph for torch.compile; past its cache limit (8)
     # it silently falls back to eager, which would time the compiler contender as eager.
@@ -69,12 +85,13 @@ def measure_shape(k, n, v, dtype, grid: Grid, device: str, *, with_compile=True,
             rows.append({"K": k, "N": n, "V": v, "dtype": str(dtype), "contender": name, "skipped": "out of memory"})
             continue
         ok = err < (1e-3 if dtype == torch.float32 else 2e-2)
+        times = {}
         for mode in grid.modes:
             row = {"K": k, "N": n, "V": v, "dtype": str(dtype).split(".")[-1], "loss": loss, "contender": name,
                    "mode": mode, "rel_error": err, "correct": ok}
             if ok:
                 try:
-                    _time_case(row, name, fn, logits, t, mode, grid, device, bandwidth, floor, with_memory)
+                    _time_case(row, name, fn, logits, t, mode, grid, device, bandwidth, floor, with_memory, times)
                 except torch.OutOfMemoryError:
                     row["skipped"] = "out of memory"
             rows.append(row)
