@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml setup.py | md5sum | cut -c1-12)
 
-.PHONY: test demo demo-translation bench install dist clean
+.PHONY: test demo demo-translation bench install dist clean gpu-check gpu-wheels
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,32 @@ dist: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --device $(if $(DEVICE),$(DEVICE),cpu)
+
+# On a lent GPU machine (no network; torch, triton, transformers and pytest already there):
+#   make gpu-check PY=python3
+# The GPU test subset, the benchmark grid and the performance targets in < 8 minutes, written to
+# benchmarks/results/<gpu>-<date>/. No venv is made and nothing is fetched: the optional
+# contenders (Liger-Kernel, cut-cross-entropy) are installed from $(GPU_WHEELS) when present
+# (`make gpu-wheels` on a machine with the registry), into a folder of their own.
+GPU_WHEELS ?= .gpu/wheels
+GPU_SITE ?= .gpu/site
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+GPU_OPTIONAL = liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+
+gpu-check:
+	@if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+	  $(GPU_PY) -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --upgrade \
+	    --target $(GPU_SITE) $(GPU_WHEELS)/*.whl || echo "gpu-check: optional wheels not installed: contenders skipped"; \
+	else echo "gpu-check: no $(GPU_WHEELS) (make gpu-wheels): Liger-Kernel and cut-cross-entropy skipped"; fi
+	PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_SITE) $(GPU_PY) -m intradistill_kernels.bench.gpu_check $(GPU_CHECK_ARGS)
+
+# Pure-Python wheels (their only requirements, torch and triton, are on the GPU machine) for its
+# Python 3.12 on x86-64.
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
+	  -d $(GPU_WHEELS) $(GPU_OPTIONAL)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info intradistill_kernels/*.so intradistill_kernels/_aot_build.json

@@ -65,6 +65,19 @@ def optional_contenders() -> dict:
     return found
 
 
+# --------------------------------------------------------------------------- 0. the CUDA extension
+
+def build_cuda_extension() -> dict:
+    """Builds (or loads) the C++ CUDA backend before the clock of the tests starts: a first-use
+    build of csrc/ takes minutes and would otherwise be charged to the first cuda test."""
+    from ..ops import cpp
+
+    start = time.monotonic()
+    ok = cpp.cuda_backend.is_available()
+    return {"available": ok, "seconds": round(time.monotonic() - start, 1),
+            "error": None if ok else (cpp.build_error("cuda") or "not available")}
+
+
 # --------------------------------------------------------------------------- 1. tests
 
 def run_tests(out: Path, timeout_s: float, dry_run: bool) -> dict:
@@ -261,6 +274,7 @@ def markdown(meta, tests, rows, target_rows, fl_rows, targets) -> str:
              f"{meta['date']}, torch {meta['torch']}, triton {meta.get('triton')}, backends {meta['backends']}; "
              f"copy bandwidth {meta['copy_gbps']:.0f} GB/s; wall time {meta.get('wall_s', 0):.0f} s"
              + ("; DRY RUN (tiny shapes, no tests)" if meta.get("dry_run") else "") + ".", "",
+             *( [f"CUDA extension: {meta['cuda_extension']}.", ""] if "cuda_extension" in meta else []),
              "Optional contenders: " + ", ".join(f"{k}: {'used' if v is None else v}" for k, v in meta["optional"].items()) + ".",
              "", "## Tests", "", f"Status: **{tests['status']}**.", ""]
     lines += [f"- `{c}`" for c in tests.get("commands", [])]
@@ -336,6 +350,9 @@ def run(args) -> Path:
         triton_version = None
     meta = {**run_metadata(device, quick=dry), "triton": triton_version, "dry_run": dry,
             "optional": optional_contenders(), "budget_s": args.budget_s}
+    if device == "cuda":
+        print(f"[gpu-check] {meta['device']}: building the CUDA extension", flush=True)
+        meta["cuda_extension"] = build_cuda_extension()
     print(f"[gpu-check] {meta['device']}: tests", flush=True)
     tests = {"status": "skipped: --skip-tests", "commands": []} if args.skip_tests else run_tests(out, args.tests_timeout_s, dry)
     print(f"[gpu-check] tests {tests['status']}; benchmarks", flush=True)
