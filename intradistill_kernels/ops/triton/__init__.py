@@ -84,11 +84,26 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _constants(cfg: RowsConfig, k: int, v: int, element_size: int) -> dict:
-    return dict(HAS_CE=cfg.has_ce, SMOOTH=cfg.smooth, JS=cfg.js, **launch_config(k, v, element_size))
+def _constants(cfg: RowsConfig, k: int, v: int, element_size: int, has_z: bool) -> dict:
+    return dict(HAS_CE=cfg.has_ce, SMOOTH=cfg.smooth, JS=cfg.js, SCALE=cfg.logit_scale != 1.0, SOFTCAP=cfg.softcap > 0,
+                HAS_Z=has_z, **launch_config(k, v, element_size))
 
 
-def forward(logits: torch.Tensor, target: torch.Tensor, cfg: RowsConfig) -> RowStats:
+def _options(cfg: RowsConfig) -> tuple:
+    return cfg.label_smoothing, cfg.logit_scale, cfg.softcap
+
+
+def _weight_ptrs(weights: RowWeights) -> tuple:
+    """(ce, div, z) as contiguous fp32 vectors the kernels index by row; without a z term its
+    slot holds div, which HAS_Z = False never reads."""
+    ce, div = (w.to(torch.float32).contiguous() for w in weights[:2])
+    z = div if weights.z is None else weights.z.to(torch.float32).contiguous()
+    return ce, div, z
+
+
+def forward(logits: torch.Tensor, target: torch.Tensor, cfg: RowsConfig, early: EarlyGrad | None = None) -> RowStats:
+    """Each row's statistics; with `early`, also the gradient with early.weights, written into
+    early.grad by the same program right after (the one-pass forward of kernels.py)."""
     from .kernels import _forward_kernel
 
     k, v = logits.shape[0], logits.shape[-1]
@@ -97,16 +112,28 @@ def forward(logits: torch.Tensor, target: torch.Tensor, cfg: RowsConfig) -> RowS
     out = RowStats(torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(k, n, **f32), torch.empty(k, n, **f32))
     if n == 0:
         return out
+    offsets = row_offsets(logits)
+    if early is None:
+        # EARLY off: the gradient arguments are never read; any pointers of the right kinds do.
+        grad, grad_offsets, weights, has_z = logits, offsets, (out.ce, out.ce, out.ce), False
+    else:
+        grad = early.grad
+        if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device:
+            raise ValueError(f"early.grad must have the logits' shape, dtype and device {tuple(logits.shape)}, "
+                             f"{logits.dtype}, {logits.device}; got {tuple(grad.shape)}, {grad.dtype}, {grad.device}")
+        grad_offsets = offsets if grad is logits else row_offsets(grad)
+        weights, has_z = _weight_ptrs(early.weights), early.weights.z is not None
     with _on_device(logits):
         _forward_kernel[(n,)](
-            logits, row_offsets(logits), target, *out,
-            n, v, logits.stride(0), logits.stride(-1), cfg.label_smoothing,
-            ALIGN=row_alignment(logits), **_constants(cfg, k, v, logits.element_size()),
+            logits, offsets, target, *out, *weights, grad, grad_offsets,
+            n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1), *_options(cfg),
+            ALIGN=row_alignment(logits, grad), EARLY=early is not None,
+            **_constants(cfg, k, v, logits.element_size(), has_z),
         )
     return out
 
 
-def backward(logits, target, lse, stat, g_ce, g_div, cfg: RowsConfig, grad) -> None:
+def backward(logits, target, lse, stat, weights: RowWeights, cfg: RowsConfig, grad) -> None:
     from .kernels import _backward_kernel
 
     k, v = logits.shape[0], logits.shape[-1]
@@ -115,7 +142,7 @@ def backward(logits, target, lse, stat, g_ce, g_div, cfg: RowsConfig, grad) -> N
         return
     with _on_device(logits):
         _backward_kernel[(n,)](
-            logits, row_offsets(logits), target, lse, stat, g_ce, g_div, grad, row_offsets(grad),
-            n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1), cfg.label_smoothing,
-            ALIGN=row_alignment(logits, grad), **_constants(cfg, k, v, logits.element_size()),
+            logits, row_offsets(logits), target, lse, stat, *_weight_ptrs(weights), grad, row_offsets(grad),
+            n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1), *_options(cfg),
+            ALIGN=row_alignment(logits, grad), **_constants(cfg, k, v, logits.element_size(), weights.z is not None),
         )

@@ -23,6 +23,24 @@ for z − z̄, m_k − z_k[y] and z − z_k[y] for cross-entropy. Forming z̄ or
 absolute in z − z̄ and lse_k − z_k[y], i.e. 5e-4 relative in X and CE).
 The saved lse_k is one fp32 number, so the backward's p_k = exp(z − lse_k) carries its rounding:
 a relative error of at most 2^-24·|lse_k| (6e-8 at |lse| = 1, 6e-4 at a common offset of 1e4).
+
+Logit transforms (constexprs SCALE, SOFTCAP; runtime floats logit_scale, softcap): every load goes
+through _transform, so all statistics are of t = softcap·tanh(logit_scale·z / softcap) and the
+gradient is taken w.r.t. t, then multiplied by dt/dz (_chain). -inf stays -inf (padding stays
+masked; tanh would send it to -softcap) and its gradient is 0. HAS_Z adds the gradient of the
+z-loss term (1/K) Σ_k lse_k², whose value the caller forms from the returned lse.
+
+One-pass forward (EARLY): when the caller knows each row's weights before the forward (the loss is
+the last op of the step), the forward kernel writes the gradient too, in one more sweep over the
+token's rows right after the sweep(s) that produced lse_k and s_k. Those rows were just read by
+the same program: K·V·2 bytes = 770 KB at K = 3, V = 128256 in bf16, well inside L2 (40-50 MB on
+sm_80/sm_90, shared by the ~2 programs per SM), so the re-read hits L2 and each element costs one
+HBM read and one HBM write (4 bytes per element in bf16) instead of the two-pass path's two reads
+and one write (6 bytes). JS needs its KL_k sweep before the gradient sweep (KL_k enters every
+element's gradient), so it sweeps the rows three times, still one HBM read where they fit in L2.
+The gradient sweep is _grad_tile, the very code of the exact backward kernel, on the same fp32
+lse_k and s_k the forward stores: both paths write the same bits. In place (grad is the logits),
+each tile is loaded whole before its gradient is stored, and no later sweep reads it again.
 """
 
 import triton
@@ -35,6 +53,47 @@ def _load_tile(row_ptr, ks, vs, kmask, V, stride_k, stride_v):
     offs = ks.to(tl.int64)[:, None] * stride_k + vs.to(tl.int64)[None, :] * stride_v
     z = tl.load(row_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
     return z, msk
+
+
+@triton.jit
+def _softcap(x, softcap):
+    """softcap·tanh(x / softcap) in fp32 from one exp (tl.tanh is missing from some Triton
+    versions); exp(-2|x|/softcap) <= 1 never overflows. Near 0 the result's absolute error is a
+    few units of softcap·2^-24, the rounding any fp32 value of magnitude softcap carries anyway."""
+    e = tl.exp(tl.abs(x) * (-2.0 / softcap))
+    th = softcap * ((1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -th, th)
+
+
+@triton.jit
+def _transform(z, logit_scale, softcap, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """t = softcap·tanh(logit_scale·z / softcap); a -inf logit (masked padding) stays -inf."""
+    if SCALE:
+        z = z * logit_scale
+    if SOFTCAP:
+        z = tl.where(z == float("-inf"), z, _softcap(z, softcap))
+    return z
+
+
+@triton.jit
+def _load_t(row_ptr, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap,
+            SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    z, msk = _load_tile(row_ptr, ks, vs, kmask, V, stride_k, stride_v)
+    return _transform(z, logit_scale, softcap, SCALE, SOFTCAP), msk
+
+
+@triton.jit
+def _chain(g, t, logit_scale, softcap, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """g·dt/dz: dt/dz = logit_scale·(1 − (t/softcap)²) from the transformed t, 0 at t = -inf."""
+    if SOFTCAP:
+        q = t * (1.0 / softcap)
+        dt = (1.0 - q) * (1.0 + q)
+        if SCALE:
+            dt = dt * logit_scale
+        g = tl.where(t == float("-inf"), 0.0, g * dt)
+    elif SCALE:
+        g = g * logit_scale
+    return g
 
 
 @triton.jit
@@ -58,12 +117,69 @@ def _log_mean_prob(logp, kmask, K: tl.constexpr):
 
 
 @triton.jit
+def _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K: tl.constexpr, HAS_CE: tl.constexpr, HAS_Z: tl.constexpr):
+    """The row's weights divided by K: d(row value)/d(per-pass value) is 1/K for the mean CE,
+    the divergence and the mean of lse_k² alike."""
+    w_div = tl.load(w_div_ptr + n) / K
+    w_ce = w_div
+    w_z = w_div
+    if HAS_CE:
+        w_ce = tl.load(w_ce_ptr + n) / K
+    if HAS_Z:
+        w_z = tl.load(w_z_ptr + n) / K
+    return w_ce, w_div, w_z
+
+
+@triton.jit
+def _grad_tile(t, vs, y, lse, stat, w_ce, w_div, w_z, kmask, V, label_smoothing, logit_scale, softcap,
+               K: tl.constexpr, HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr,
+               HAS_Z: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The gradient w.r.t. the raw logits of one [K_PAD, BLOCK_V] tile of transformed logits t,
+    shared by the backward kernel and the one-pass forward."""
+    logp = tl.where(kmask[:, None], t - lse[:, None], float("-inf"))
+    p = tl.exp(logp)
+    if JS:
+        # ∂JS/∂t_j = (1/K) p_j ⊙ (r_j − KL_j)
+        r = logp - _log_mean_prob(logp, kmask, K)[None, :]
+        d_div = tl.where(p == 0.0, 0.0, p * (r - stat[:, None]))
+    else:
+        # ∂X/∂t_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
+        p_bar = tl.sum(p, axis=0) / K
+        d, _, _ = _deviation(t, kmask, K)
+        d_div = tl.where(p == 0.0, 0.0, p * (d - stat[:, None] + 1.0)) - p_bar[None, :]
+    g = w_div * d_div
+    if HAS_CE:
+        # ∂CE_k/∂t_k = p_k − (1−ε)·onehot(y) − ε/V
+        onehot = tl.where(vs == y, 1.0 - label_smoothing, 0.0)
+        if SMOOTH:
+            g += w_ce * (p - onehot[None, :] - label_smoothing / V)
+        else:
+            g += w_ce * (p - onehot[None, :])
+    if HAS_Z:
+        # ∂lse_k²/∂t_k = 2·lse_k·p_k
+        g += (2.0 * w_z * lse)[:, None] * p
+    return _chain(g, t, logit_scale, softcap, SCALE, SOFTCAP)
+
+
+@triton.jit
+def _store_zeros(grad_row, grad_k_offs, ks, kmask, V, grad_stride_v, BLOCK_V: tl.constexpr, K_PAD: tl.constexpr):
+    grad_ty = grad_row.dtype.element_ty
+    for v0 in range(0, V, BLOCK_V):
+        vs = v0 + tl.arange(0, BLOCK_V)
+        msk = kmask[:, None] & (vs < V)[None, :]
+        ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
+        tl.store(ptrs, tl.zeros([K_PAD, BLOCK_V], tl.float32).to(grad_ty), mask=msk)
+
+
+@triton.jit
 def _forward_kernel(
     logits_ptr, row_off_ptr, target_ptr,
     ce_ptr, div_ptr, lse_ptr, stat_ptr,
-    N, V, stride_k, stride_v, label_smoothing,
+    w_ce_ptr, w_div_ptr, w_z_ptr, grad_ptr, grad_row_off_ptr,
+    N, V, stride_k, stride_v, grad_stride_k, grad_stride_v, label_smoothing, logit_scale, softcap,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr, ALIGN: tl.constexpr,
+    SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr, EARLY: tl.constexpr,
 ):
     n = tl.program_id(0)
     ks = tl.arange(0, K_PAD)
@@ -75,10 +191,15 @@ def _forward_kernel(
         tl.store(div_ptr + n, 0.0)
         tl.store(lse_ptr + stat_offs, tl.zeros([K_PAD], tl.float32), mask=kmask)
         tl.store(stat_ptr + stat_offs, tl.zeros([K_PAD], tl.float32), mask=kmask)
+        if EARLY:
+            grad_row = grad_ptr + tl.multiple_of(tl.load(grad_row_off_ptr + n), ALIGN)
+            _store_zeros(grad_row, ks.to(tl.int64)[:, None] * grad_stride_k, ks, kmask, V, grad_stride_v,
+                         BLOCK_V, K_PAD)
         return
     row = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + n), ALIGN)
     if HAS_CE:
         z_y = tl.load(row + ks.to(tl.int64) * stride_k + y * stride_v, mask=kmask, other=0.0).to(tl.float32)
+        z_y = _transform(z_y, logit_scale, softcap, SCALE, SOFTCAP)
         # Cross-entropy is taken relative to the target logit (any finite reference would do).
         ref_y = tl.where(z_y == float("-inf"), 0.0, z_y)
 
@@ -89,7 +210,7 @@ def _forward_kernel(
     z_sum = tl.zeros([K_PAD], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         vs = v0 + tl.arange(0, BLOCK_V)
-        z, msk = _load_tile(row, ks, vs, kmask, V, stride_k, stride_v)
+        z, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
         if SMOOTH:
             z_sum += tl.sum(tl.where(msk, z - ref_y[:, None], 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -115,7 +236,7 @@ def _forward_kernel(
         kl = tl.zeros([K_PAD], tl.float32)
         for v0 in range(0, V, BLOCK_V):
             vs = v0 + tl.arange(0, BLOCK_V)
-            z, msk = _load_tile(row, ks, vs, kmask, V, stride_k, stride_v)
+            z, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
             logp = tl.where(kmask[:, None], (z - m[:, None]) - log_s[:, None], float("-inf"))
             r = logp - _log_mean_prob(logp, kmask, K)[None, :]
             p = tl.exp(logp)
@@ -139,58 +260,49 @@ def _forward_kernel(
     else:
         tl.store(ce_ptr + n, 0.0)
 
+    if EARLY:
+        # The gradient sweep, on the values the exact backward would load (padded passes: 0).
+        lse = tl.where(kmask, m + log_s, 0.0)
+        stat = tl.where(kmask, stat, 0.0)
+        w_ce, w_div, w_z = _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K, HAS_CE, HAS_Z)
+        grad_row = grad_ptr + tl.multiple_of(tl.load(grad_row_off_ptr + n), ALIGN)
+        grad_k_offs = ks.to(tl.int64)[:, None] * grad_stride_k
+        for v0 in range(0, V, BLOCK_V):
+            vs = v0 + tl.arange(0, BLOCK_V)
+            t, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
+            g = _grad_tile(t, vs, y, lse, stat, w_ce, w_div, w_z, kmask, V, label_smoothing, logit_scale, softcap,
+                           K, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
+            ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
+            tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=msk)
+
 
 @triton.jit
 def _backward_kernel(
-    logits_ptr, row_off_ptr, target_ptr, lse_ptr, stat_ptr, g_ce_ptr, g_div_ptr,
+    logits_ptr, row_off_ptr, target_ptr, lse_ptr, stat_ptr, w_ce_ptr, w_div_ptr, w_z_ptr,
     grad_ptr, grad_row_off_ptr,
-    N, V, stride_k, stride_v, grad_stride_k, grad_stride_v, label_smoothing,
+    N, V, stride_k, stride_v, grad_stride_k, grad_stride_v, label_smoothing, logit_scale, softcap,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr, ALIGN: tl.constexpr,
+    SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr,
 ):
     n = tl.program_id(0)
     ks = tl.arange(0, K_PAD)
     kmask = ks < K
     y = tl.load(target_ptr + n)
     grad_row = grad_ptr + tl.multiple_of(tl.load(grad_row_off_ptr + n), ALIGN)
-    grad_ty = grad_ptr.dtype.element_ty
     grad_k_offs = ks.to(tl.int64)[:, None] * grad_stride_k
     if y < 0:
-        for v0 in range(0, V, BLOCK_V):
-            vs = v0 + tl.arange(0, BLOCK_V)
-            msk = kmask[:, None] & (vs < V)[None, :]
-            ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
-            tl.store(ptrs, tl.zeros([K_PAD, BLOCK_V], tl.float32).to(grad_ty), mask=msk)
+        _store_zeros(grad_row, grad_k_offs, ks, kmask, V, grad_stride_v, BLOCK_V, K_PAD)
         return
     row = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + n), ALIGN)
     stat_offs = ks.to(tl.int64) * N + n
     lse = tl.load(lse_ptr + stat_offs, mask=kmask, other=0.0)
     stat = tl.load(stat_ptr + stat_offs, mask=kmask, other=0.0)
-    # d(row value)/d(per-pass value) is 1/K for both the mean CE and the divergence.
-    g_div = tl.load(g_div_ptr + n) / K
-    if HAS_CE:
-        g_ce = tl.load(g_ce_ptr + n) / K
+    w_ce, w_div, w_z = _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K, HAS_CE, HAS_Z)
     for v0 in range(0, V, BLOCK_V):
         vs = v0 + tl.arange(0, BLOCK_V)
-        z, msk = _load_tile(row, ks, vs, kmask, V, stride_k, stride_v)
-        logp = tl.where(kmask[:, None], z - lse[:, None], float("-inf"))
-        p = tl.exp(logp)
-        if JS:
-            # ∂JS/∂z_j = (1/K) p_j ⊙ (r_j − KL_j)
-            r = logp - _log_mean_prob(logp, kmask, K)[None, :]
-            t = tl.where(p == 0.0, 0.0, p * (r - stat[:, None]))
-        else:
-            # ∂X/∂z_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
-            p_bar = tl.sum(p, axis=0) / K
-            d, _, _ = _deviation(z, kmask, K)
-            t = tl.where(p == 0.0, 0.0, p * (d - stat[:, None] + 1.0)) - p_bar[None, :]
-        g = g_div * t
-        if HAS_CE:
-            # ∂CE_k/∂z_k = p_k − (1−ε)·onehot(y) − ε/V
-            onehot = tl.where(vs == y, 1.0 - label_smoothing, 0.0)
-            if SMOOTH:
-                g += g_ce * (p - onehot[None, :] - label_smoothing / V)
-            else:
-                g += g_ce * (p - onehot[None, :])
+        t, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
+        g = _grad_tile(t, vs, y, lse, stat, w_ce, w_div, w_z, kmask, V, label_smoothing, logit_scale, softcap,
+                       K, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
         ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
-        tl.store(ptrs, g.to(grad_ty), mask=msk)
+        tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=msk)
