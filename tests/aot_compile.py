@@ -22,6 +22,9 @@ from helpers import parse_ptxas_verbose  # noqa: E402  (this script's folder is 
 from intradistill_kernels.ops.triton import MIN_PROGRAMS_PER_SM, kernels, launch_config  # noqa: E402
 
 REGISTERS_PER_SM = 65536  # sm_80 and sm_90 alike
+# Registers and spills are read (ptxas -v, 0.4 s a variant) for the Hopper target the performance
+# is judged on; sm_80 is compiled only.
+RESOURCE_CHECKED_CAPS = (90,)
 MAX_REGISTERS_PER_THREAD = 255
 
 
@@ -129,15 +132,16 @@ def main(kernel_name, dtype, cap):
     for shape, flags, align, contiguous, options in variants():
         compiled = compile_variant(kernel, dtype, cap, shape, flags, align, contiguous, options)
         ptx = compiled.asm["ptx"]
-        usage = ptxas_usage(ptx, cap)
-        what = f"{kernel_name} {dtype} sm_{cap} K,V={shape} (CE, smooth, JS)={flags} align={align} {sorted(options)}"
-        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"register spill in {what}: {usage}"
-        programs = programs_per_sm_assumed(kernel_name, shape, flags, options)
-        budget = register_budget(compiled.metadata.num_warps, programs)
-        assert usage["registers"] <= budget, (
-            f"{what}: {usage['registers']} registers > {budget}, too many for {programs} programs of "
-            f"{compiled.metadata.num_warps} warps per SM (MIN_PROGRAMS_PER_SM in ops/triton/__init__.py)")
-        most_registers = max(most_registers, usage["registers"])
+        if cap in RESOURCE_CHECKED_CAPS:
+            usage = ptxas_usage(ptx, cap)
+            what = f"{kernel_name} {dtype} sm_{cap} K,V={shape} (CE, smooth, JS)={flags} align={align} {sorted(options)}"
+            assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"register spill in {what}: {usage}"
+            programs = programs_per_sm_assumed(kernel_name, shape, flags, options)
+            budget = register_budget(compiled.metadata.num_warps, programs)
+            assert usage["registers"] <= budget, (
+                f"{what}: {usage['registers']} registers > {budget}, too many for {programs} programs of "
+                f"{compiled.metadata.num_warps} warps per SM (MIN_PROGRAMS_PER_SM in ops/triton/__init__.py)")
+            most_registers = max(most_registers, usage["registers"])
         assert ".entry" in ptx and len(compiled.asm["cubin"]) > 0
         if contiguous and shape[1] % 16 == 0:
             # Aligned contiguous rows must be read with 16-byte vector loads (bandwidth), and
@@ -146,8 +150,8 @@ def main(kernel_name, dtype, cap):
             if kernel_name == "_backward_kernel":
                 assert "bar.sync" not in ptx, f"barrier in {kernel_name} {dtype} {shape} {flags}"
         count += 1
-    print(f"compiled {count} variants of {kernel_name} for {dtype} on sm_{cap}: 0 bytes spilled, "
-          f"at most {most_registers} registers per thread")
+    checked = f": 0 bytes spilled, at most {most_registers} registers per thread" if cap in RESOURCE_CHECKED_CAPS else ""
+    print(f"compiled {count} variants of {kernel_name} for {dtype} on sm_{cap}{checked}")
 
 
 if __name__ == "__main__":
