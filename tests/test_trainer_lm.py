@@ -104,18 +104,23 @@ def _count_head_outputs(model):
     return sizes, handle
 
 
-@pytest.mark.parametrize("build", [lambda: _llama(), lambda: _llama(tied=True), lambda: _llama(bias=True),
-                                   lambda: _qwen2()], ids=["llama", "llama-tied", "llama-bias", "qwen2-tied"])
-def test_causal_lm_step_equals_plain_trainer(tmp_path, build):
+@pytest.mark.parametrize("build,smoothing", [(lambda: _llama(), 0.0), (lambda: _llama(tied=True), 0.0),
+                                             (lambda: _llama(bias=True), 0.0), (lambda: _qwen2(), 0.0),
+                                             (lambda: _llama(), 0.1)],
+                         ids=["llama", "llama-tied", "llama-bias", "qwen2-tied", "llama-label-smoothing"])
+def test_causal_lm_step_equals_plain_trainer(tmp_path, build, smoothing):
     """Dropout off: the divergence is 0 and one step (micro-batch 2 x accumulation 4) is the plain
-    Trainer's step (micro-batch 8): labels shifted, the token mean over the whole accumulated batch."""
+    Trainer's step (micro-batch 8): labels shifted, the token mean over the whole accumulated batch,
+    the Trainer's label_smoothing_factor applied the same way."""
     data = _Rows()
     model = build()
-    plain = transformers.Trainer(model=model, args=_args(tmp_path / "plain", 8, 1), train_dataset=data)
+    plain = transformers.Trainer(model=model, args=_args(tmp_path / "plain", 8, 1, label_smoothing_factor=smoothing),
+                                 train_dataset=data)
     want = _update(model, plain)
     model = build()
     sizes, handle = _count_head_outputs(model)
-    intra = IntraDistillationTrainer(model=model, args=_args(tmp_path / "intra", 2, 4), train_dataset=data,
+    intra = IntraDistillationTrainer(model=model, args=_args(tmp_path / "intra", 2, 4, label_smoothing_factor=smoothing),
+                                     train_dataset=data,
                                      intra_args=IntraDistillationArguments(passes=3, alpha=1.0, adaptive=False))
     got = _update(model, intra)
     handle.remove()
@@ -141,15 +146,19 @@ def test_accumulation_is_exact_with_divergence(tmp_path):
     _assert_same_update(updates[1], updates[0])
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_causal_lm_loss_and_grads_match_float64_reference(tmp_path, fused):
+@pytest.mark.parametrize("fused,z_loss", [(True, 0.0), (False, 0.0), (True, 0.05), (False, 0.05)])
+def test_causal_lm_loss_and_grads_match_float64_reference(tmp_path, fused, z_loss):
     """compute_loss against the functional loss in float64 on the shifted labels, grad_output 0.7."""
+    if z_loss and "z_loss" not in LOSS_OPTIONS:
+        pytest.skip("this version's losses have no z_loss option")
     k, alpha = 3, 0.8
+    extra = {"z_loss": z_loss} if z_loss else {}
     model = _llama(bias=True, seed=2)
     handle = _perturb_passes(model, k)
     trainer = IntraDistillationTrainer(model=model, args=_args(tmp_path, 4, 1),
                                        intra_args=IntraDistillationArguments(passes=k, alpha=alpha, adaptive=False,
-                                                                             divergence="js", fused_linear=fused))
+                                                                             divergence="js", fused_linear=fused,
+                                                                             **extra))
     batch = _batch(_Rows(n=4, seed=5).rows)
     model.train()
     (0.7 * trainer.compute_loss(model, dict(batch))).backward()
@@ -160,8 +169,10 @@ def test_causal_lm_loss_and_grads_match_float64_reference(tmp_path, fused):
     inputs = {k_: v for k_, v in batch.items() if k_ != "labels"}
     logits = model(**repeat_batch(inputs, k)).logits.unflatten(0, (k, -1))
     shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-    ref = intra_distillation_loss(logits, shifted, alpha, divergence="js", backend="torch")
+    ref = intra_distillation_loss(logits, shifted, alpha, divergence="js", backend="torch", **extra)
     (0.7 * ref.loss).backward()
+    if z_loss:
+        assert ref.z_loss > 0 and trainer._sums["z_loss"] == pytest.approx(float(ref.z_loss), rel=1e-4)
     assert ref.divergence > 1e-4
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n].double(), p.grad, rtol=1e-4, atol=1e-6, msg=n)

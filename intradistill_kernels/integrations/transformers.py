@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -100,7 +101,9 @@ class IntraDistillationArguments:
     fused_linear: language models score their final hidden states and the output weight with
     fused_linear_intra_distillation_loss (the [K, B, T, V] logits are never materialised); False
     scores the logits of the model's own forward instead. chunk_size: tokens per chunk of the
-    fused path (None: from the free memory).
+    fused path (None: from the free memory). z_loss: weight of the mean squared log-sum-exp added
+    to the loss of label-based heads (logged as `z_loss`). The Trainer's
+    `label_smoothing_factor` applies to the cross-entropy, as in transformers.Trainer.
     """
 
     passes: int = 3
@@ -112,6 +115,7 @@ class IntraDistillationArguments:
     backend: str = "auto"
     fused_linear: bool = True
     chunk_size: int | None = None
+    z_loss: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.passes, int) or isinstance(self.passes, bool) or self.passes < 2:
@@ -119,6 +123,9 @@ class IntraDistillationArguments:
         _real("alpha", self.alpha, 0.0)
         _real("p", self.p)
         _real("q", self.q)
+        _real("z_loss", self.z_loss, 0.0)
+        if self.z_loss and "z_loss" not in inspect.signature(intra_distillation_loss).parameters:
+            raise ValueError("z_loss needs an intradistill_kernels version whose losses take `z_loss`")
         if self.divergence not in ("x", "js", "jeffrey"):
             raise ValueError(f"divergence must be 'x', 'js' or 'jeffrey', got {self.divergence!r}")
         if self.backend not in _BACKENDS:
@@ -142,6 +149,11 @@ class _Terms:
     divergence: Tensor
     items: Tensor
     outputs: object
+    z_loss: Tensor | None = None
+
+
+def _terms_of(out, items: Tensor, outputs) -> _Terms:
+    return _Terms(out.loss, out.ce, out.divergence, items, outputs, getattr(out, "z_loss", None))
 
 
 def _count(mask: Tensor) -> Tensor:
@@ -170,6 +182,8 @@ class IntraDistillationMixin:
         self.intra_args = intra_args
         self._schedule: AdaptiveAlpha | None = None
         self._sums = {"ce": 0.0, "divergence": 0.0, "alpha": 0.0}
+        if intra_args.z_loss:
+            self._sums["z_loss"] = 0.0
         self._count = 0
         self._predicting = False
         self._probed: set[int] = set()
@@ -270,6 +284,8 @@ class IntraDistillationMixin:
         self._sums["ce"] += float(terms.ce.detach() / local)
         self._sums["divergence"] += float(terms.divergence.detach() / local)
         self._sums["alpha"] += float(alpha)
+        if "z_loss" in self._sums and terms.z_loss is not None:
+            self._sums["z_loss"] += float(terms.z_loss.detach() / local)
         self._count += 1
         return (loss, terms.outputs) if return_outputs else loss
 
@@ -312,11 +328,11 @@ class IntraDistillationMixin:
         a, k = self.intra_args, self.intra_args.passes
         items = _count(target != IGNORE)
         inputs.setdefault("use_cache", False)  # a training forward has no use for a KV cache of K x B rows
-        options = dict(divergence=a.divergence, ignore_index=IGNORE, reduction="sum", backend=a.backend)
+        options = self._loss_options()
         if not a.fused_linear:
             outputs = model(**repeat_batch(inputs, k))
             out = intra_distillation_loss(outputs.logits.unflatten(0, (k, -1)), target, alpha, **options)
-            return _Terms(out.loss, out.ce, out.divergence, items, outputs)
+            return _terms_of(out, items, outputs)
         name = type(base).__name__
         layer = output_layer_of(base)
         check_not_sharded(layer.weight, name)
@@ -342,10 +358,18 @@ class IntraDistillationMixin:
             out = fused_linear_intra_distillation_loss(
                 hidden.unflatten(0, (k, -1)), weight, target, bias, alpha, chunk_size=a.chunk_size,
                 **layer.loss_kwargs, **options)
-        return _Terms(out.loss, out.ce, out.divergence, items, outputs)
+        return _terms_of(out, items, outputs)
+
+    def _loss_options(self) -> dict:
+        a = self.intra_args
+        options = dict(divergence=a.divergence, ignore_index=IGNORE, reduction="sum", backend=a.backend,
+                       label_smoothing=float(self.args.label_smoothing_factor))
+        if a.z_loss:  # only when asked, so that losses without the option still work
+            options["z_loss"] = a.z_loss
+        return options
 
     def _label_terms(self, base, outputs, labels: Tensor, alpha: float) -> _Terms:
-        a, k = self.intra_args, self.intra_args.passes
+        k = self.intra_args.passes
         logits = outputs.logits.unflatten(0, (k, -1))
         config = getattr(base, "config", None)
         if getattr(config, "problem_type", None) == "multi_label_classification":
@@ -358,9 +382,8 @@ class IntraDistillationMixin:
             mse = ((preds - target) ** 2).sum() / k
             div = consistency_mse(preds, reduction="sum")
             return _Terms(mse + alpha * div, mse, div, torch.tensor(target.numel(), device=preds.device), outputs)
-        out = intra_distillation_loss(logits, labels.long(), alpha, divergence=a.divergence, ignore_index=IGNORE,
-                                      reduction="sum", backend=a.backend)
-        return _Terms(out.loss, out.ce, out.divergence, _count(labels != IGNORE), outputs)
+        out = intra_distillation_loss(logits, labels.long(), alpha, **self._loss_options())
+        return _terms_of(out, _count(labels != IGNORE), outputs)
 
     def _qa_terms(self, outputs, attention_mask, positions, alpha: float) -> _Terms:
         a, k = self.intra_args, self.intra_args.passes
