@@ -32,12 +32,16 @@ z-loss term (1/K) Σ_k lse_k², whose value the caller forms from the returned l
 
 One-pass forward (EARLY): when the caller knows each row's weights before the forward (the loss is
 the last op of the step), the forward kernel writes the gradient too, in one more sweep over the
-token's rows right after the sweep(s) that produced lse_k and s_k. Those rows were just read by
-the same program: K·V·2 bytes = 770 KB at K = 3, V = 128256 in bf16, well inside L2 (40-50 MB on
-sm_80/sm_90, shared by the ~2 programs per SM), so the re-read hits L2 and each element costs one
-HBM read and one HBM write (4 bytes per element in bf16) instead of the two-pass path's two reads
-and one write (6 bytes). JS needs its KL_k sweep before the gradient sweep (KL_k enters every
-element's gradient), so it sweeps the rows three times, still one HBM read where they fit in L2.
+token's rows right after the sweep(s) that produced lse_k and s_k. Bytes model: an element is
+re-read one row-sweep after its first read, and in that time every resident program streams its
+own rows through the same L2, so the re-read hits L2 when (resident programs)·K·V·bytes fits in
+it: 132 SMs × 2 programs × K·V·2 bytes against H100/H200's 50 MB holds up to K·V ≈ 95k in bf16
+(K = 3, V = 32000: 192 KB per row). Then each element costs one HBM read and one HBM write (4 bytes
+per element in bf16) instead of the two-pass path's two reads and one write (6 bytes); beyond
+that (K = 3, V = 128256: 770 KB per row, 200 MB in flight) the re-read goes to HBM and the
+one-pass forward moves the two-pass bytes, saving only the backward launch and its lse/stat reads.
+JS needs its KL_k sweep before the gradient sweep (KL_k enters every element's gradient), so it
+sweeps the rows three times: still one HBM read where they fit in L2.
 The gradient sweep is _grad_tile, the very code of the exact backward kernel, on the same fp32
 lse_k and s_k the forward stores: both paths write the same bits. In place (grad is the logits),
 each tile is loaded whole before its gradient is stored, and no later sweep reads it again.
