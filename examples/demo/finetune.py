@@ -31,7 +31,7 @@ METHODS = ("baseline", "intra-distillation")
 class Regime:
     """What both methods share. alpha, p, q and K are the paper's GLUE settings for SST-2 and
     the optimiser its GLUE fine-tuning optimiser (Adamax, lr 2e-4, batch 32 scaled down here)."""
-    task: str = "sst5"
+    task: str = "sst2"
     train_size: int = 240
     valid_size: int = 200
     test_size: int = 1000
