@@ -363,8 +363,9 @@ def run(args) -> Path:
     shape = DRY_TARGET_SHAPE if dry else TARGET_SHAPE
     target_grid = Grid([(shape["K"], shape["N"], shape["V"]), (2, shape["N"], shape["V"])], [torch.bfloat16],
                        ("forward+backward",), ("ce+x",), grid.reps)
+    # torch.compile takes tens of seconds per shape: left out when the tests ate the budget.
     rows_k3 = measure_shape(shape["K"], shape["N"], shape["V"], torch.bfloat16, target_grid, device,
-                            with_compile=not dry, with_memory=not dry, bandwidth=bandwidth)
+                            with_compile=not dry and deadline.left() > 90, with_memory=not dry, bandwidth=bandwidth)
     rows_k2 = measure_shape(2, shape["N"], shape["V"], torch.bfloat16, target_grid, device,
                             with_compile=False, with_memory=not dry, bandwidth=bandwidth)
     targets = loss_targets(rows_k3, rows_k2)
@@ -392,8 +393,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, no pytest: checks the logic anywhere")
     ap.add_argument("--out", help="output directory (default: benchmarks/results/<device>-<date>/)")
     ap.add_argument("--skip-tests", action="store_true", help="benchmarks only")
-    ap.add_argument("--tests-timeout-s", type=float, default=180.0, help="time limit of the GPU test subset")
-    ap.add_argument("--budget-s", type=float, default=420.0,
+    ap.add_argument("--tests-timeout-s", type=float, default=240.0, help="time limit of the GPU test subset")
+    ap.add_argument("--budget-s", type=float, default=430.0,
                     help="seconds for the whole run; benchmark cases past it are written as skipped")
     return ap
 
