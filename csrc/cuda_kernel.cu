@@ -1,9 +1,29 @@
-// CUDA kernels of the fused K-pass loss (docs/design.md §1.9), the same algorithm as the Triton and CPU
-// kernels. One thread block per token; each thread owns groups of 16 bytes of consecutive classes
-// and reads the K passes of its group together (z̄ and p̄ need them), keeping a thread-local
-// online max / sum-exp / Σe·d per pass. The block then combines the per-thread states: a max
-// reduction, a rescale, a sum reduction (warp shuffles, then one value per warp through shared
+// CUDA kernels of the fused K-pass loss (docs/design.md §1.9, §1.11), the same algorithm as the
+// Triton and CPU kernels. One thread block per token; each thread owns groups of 16 bytes of
+// consecutive classes and reads the K passes of its group together (z̄ and p̄ need them), keeping a
+// thread-local online max / sum-exp / Σe·d per pass. The block then combines the per-thread states:
+// a max reduction, a rescale, a sum reduction (warp shuffles, then one value per warp through shared
 // memory), always in the same order, so results are bitwise reproducible. No atomics.
+//
+// Every statistic is taken on the transformed logits t = softcap·tanh(logit_scale·z / softcap)
+// (logit_scale·z without softcap; −inf stays −inf); load_passes applies the transform, so the
+// rest of the algorithm only ever sees t. The gradient is formed with respect to t and multiplied
+// by dt/dz at the end (chain_factor).
+//
+// The one-pass forward (EARLY): once the block knows lse_k and stat_k it sweeps the token's rows
+// once more and writes their gradient (write_grad_row, the exact backward's own loop), while the
+// rows are still in L2. Thread t reads and writes only classes [t·W + i·kThreads·W, +W) in every
+// sweep, and the one element all threads read (the target logit) is read before the first block
+// barrier, so the gradient may overwrite the logits.
+//
+// Addressing: element (k, n, v) is at base + row_off[n] + k * stride_k + v * stride_v, every index
+// and stride int64 (a [3, N, 128256] tensor passes 2^31 elements from N = 8373 tokens).
+//
+// Precision: a common offset c of the logits (all classes, all passes) leaves every result unchanged,
+// and the kernels keep it so in fp32 by never rounding a value of c's magnitude before the
+// difference that cancels it (§1.9 "Precision"): t − m_k for the softmax and for
+// log p_k = (t − M_k) − log S_k, t − max_k t per class for t − t̄, M_k − t_k[y] and t − t_k[y] for
+// cross-entropy.
 //
 // Raw pointers only: this file compiles with plain nvcc; cuda_binding.cpp connects it to torch.
 
@@ -20,8 +40,14 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// A macro-free -inf usable in constant expressions on host and device.
+// Blocks per SM the register allocation must allow: 1 gives each thread up to 255 registers. Left
+// unsaid, ptxas (CUDA 13) aims at 2 (128 registers) and spills the K = 8 kernels' per-pass arrays;
+// one block of 256 threads with K rows of 16 bytes in flight per thread already covers the
+// bandwidth-latency product of an H100/H200 SM for K >= 4.
+constexpr int kMinBlocks = 1;
+// Macro-free infinities usable in constant expressions on host and device.
 constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kInf = __builtin_huge_valf();
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -35,6 +61,35 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// A shift that is −inf (a row or class at −inf everywhere) is replaced by 0, so that subtracting it
+// never forms (−inf) − (−inf).
+__device__ __forceinline__ float finite_or_zero(float x) { return x == kNegInf ? 0.0f : x; }
+
+// tanh in fp32 to about an ulp of t: expm1 keeps the relative precision of small arguments that
+// (1 − e^{−2|x|}) / (1 + e^{−2|x|}) loses, and fast-math builds may turn tanhf into the approximate
+// hardware instruction (relative error 2^-11).
+__device__ __forceinline__ float tanh_fp32(float x) {
+  const float em = expm1f(-2.0f * fabsf(x));  // in (−1, 0]
+  return copysignf(-em / (2.0f + em), x);
+}
+
+// t = logit_scale·z, then softcap·tanh(t / softcap) with softcap > 0; −inf stays −inf (masked
+// vocabulary padding stays masked; tanh would map it to −softcap).
+__device__ __forceinline__ float transform(float z, const RowsArgs& a) {
+  const float t = a.logit_scale * z;
+  if (a.softcap > 0.0f) return z == kNegInf ? kNegInf : a.softcap * tanh_fp32(t / a.softcap);
+  return t;
+}
+
+// dt/dz from the transformed t: logit_scale·(1 − (t / softcap)²) with softcap, 0 at t = −inf.
+__device__ __forceinline__ float chain_factor(float t, const RowsArgs& a) {
+  if (a.softcap > 0.0f) {
+    const float u = t / a.softcap;
+    return t == kNegInf ? 0.0f : a.logit_scale * (1.0f - u * u);
+  }
+  return a.logit_scale;
+}
 
 // Classes per thread group: one 16-byte load.
 template <typename T>
@@ -52,18 +107,24 @@ __device__ __forceinline__ void load_group(const T* row, int64_t v, int64_t V, i
 #pragma unroll
     for (int j = 0; j < W; ++j) out[j] = to_float(vals[j]);
   } else {
+    // One pointer stepped by stride_v rather than W 64-bit products kept live at once: with K = 8
+    // passes of 16-bit logits those addresses alone would take 128 registers.
+    const T* at = row + v * stride_v;
 #pragma unroll
-    for (int j = 0; j < W; ++j) out[j] = v + j < V ? to_float(row[(v + j) * stride_v]) : kNegInf;
+    for (int j = 0; j < W; ++j, at += stride_v) out[j] = v + j < V ? to_float(*at) : kNegInf;
   }
 }
 
-// Classes [v, v + W) of all passes; passes K..KT-1 (compile-time padding) read as -inf.
+// Transformed logits t of classes [v, v + W) of all passes; passes K..KT-1 (compile-time padding)
+// and classes beyond V read as -inf.
 template <typename T, int KT, bool VEC>
 __device__ __forceinline__ void load_passes(const T* row, const RowsArgs& a, int64_t v, int K, float (&z)[KT][Group<T>::W]) {
 #pragma unroll
   for (int k = 0; k < KT; ++k) {
     if (k < K) {
       load_group<T, VEC>(row + k * a.stride_k, v, a.V, a.stride_v, z[k]);
+#pragma unroll
+      for (int j = 0; j < Group<T>::W; ++j) z[k][j] = transform(z[k][j], a);
     } else {
 #pragma unroll
       for (int j = 0; j < Group<T>::W; ++j) z[k][j] = kNegInf;
@@ -81,9 +142,10 @@ __device__ __forceinline__ void store_group(T* row, int64_t v, int64_t V, int64_
     for (int j = 0; j < W; ++j) vals[j] = from_float<T>(in[j]);
     *reinterpret_cast<uint4*>(row + v) = raw;
   } else {
+    T* at = row + v * stride_v;
 #pragma unroll
-    for (int j = 0; j < W; ++j)
-      if (v + j < V) row[(v + j) * stride_v] = from_float<T>(in[j]);
+    for (int j = 0; j < W; ++j, at += stride_v)
+      if (v + j < V) *at = from_float<T>(in[j]);
   }
 }
 
@@ -111,26 +173,140 @@ __device__ __forceinline__ void block_reduce(float (&x)[KT], float* smem) {
   __syncthreads();
 }
 
-// log p̄ of each class of the group from the [KT][W] log-probabilities (padded passes are -inf).
+// Per class of the group, the references of d = t − t̄ (§1.9 "Precision"): top = max_k t (−inf at a
+// class at −inf in every pass) and t_bar = mean_k (t − top), so that d_k = (t_k − top) − t_bar is
+// exact where the K logits of a class are close, however large they are. t_bar is −inf exactly
+// where some pass is at −inf (padded passes are left out).
 template <int KT, int W>
-__device__ __forceinline__ void log_mean_prob(const float (&lp)[KT][W], int K, float* out) {
+__device__ __forceinline__ void deviation_refs(const float (&z)[KT][W], int K, float* top, float* t_bar) {
 #pragma unroll
   for (int j = 0; j < W; ++j) {
     float mx = kNegInf;
 #pragma unroll
-    for (int k = 0; k < KT; ++k) mx = fmaxf(mx, lp[k][j]);
-    const float safe = mx == kNegInf ? 0.0f : mx;
+    for (int k = 0; k < KT; ++k) mx = fmaxf(mx, z[k][j]);
+    const float ref = finite_or_zero(mx);
     float s = 0.0f;
 #pragma unroll
-    for (int k = 0; k < KT; ++k) s += __expf(lp[k][j] - safe);
+    for (int k = 0; k < KT; ++k) s += k < K ? z[k][j] - ref : 0.0f;
+    top[j] = mx;
+    t_bar[j] = s / K;
+  }
+}
+
+// log p̄ of each class of the group, with log p_k = (t_k − shift_k) − log_s_k (padded passes are
+// −inf); the forward passes (M, log S), the backward (lse, 0).
+template <int KT, int W>
+__device__ __forceinline__ void log_mean_prob(const float (&z)[KT][W], const float (&shift)[KT],
+                                              const float (&log_s)[KT], int K, float* out) {
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    float lp[KT];
+    float mx = kNegInf;
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      lp[k] = k < K ? (z[k][j] - shift[k]) - log_s[k] : kNegInf;
+      mx = fmaxf(mx, lp[k]);
+    }
+    const float safe = finite_or_zero(mx);
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < KT; ++k) s += __expf(lp[k] - safe);
     out[j] = safe + __logf(s / K);
   }
 }
 
-// KT is a compile-time bound on the number of passes; passes K..KT-1 are padding read as -inf.
+// The per-row weights of the gradient, each divided by K (the row's values are means over passes).
+struct RowGrad {
+  float g_ce, g_div, g_z;  // g_z = 2·w_z / K: ∂(lse²)/∂t = 2·lse·p
+  bool has_z;
+};
+
+__device__ __forceinline__ RowGrad row_grad(const RowsArgs& a, const RowWeights& w, int64_t n) {
+  const int K = static_cast<int>(a.K);
+  RowGrad r;
+  r.g_div = w.div[n] / K;
+  r.g_ce = a.has_ce ? w.ce[n] / K : 0.0f;
+  r.has_z = w.z != nullptr;
+  r.g_z = r.has_z ? 2.0f * w.z[n] / K : 0.0f;
+  return r;
+}
+
+template <typename T, bool VEC>
+__device__ __forceinline__ void zero_grad_row(const RowsArgs& a, const GradArgs& g, T* grow) {
+  constexpr int W = Group<T>::W;
+  float zero[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) zero[j] = 0.0f;
+  for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < a.V; v += static_cast<int64_t>(kThreads) * W)
+    for (int k = 0; k < a.K; ++k) store_group<T, VEC>(grow + k * g.stride_k, v, a.V, g.stride_v, zero);
+}
+
+// The gradient of one active row (kernel spec §2), the loop of the exact backward and of the
+// one-pass forward alike, so that both write the same values:
+//   g_t = g_ce·(p_k − (1−ε)·onehot(y) − ε/V)      (has_ce)
+//       + g_div·[p_k ⊙ (d_k − s_k + 1) − p̄]         (X, §1.3) or g_div·p_k ⊙ (r_k − KL_k) (JS, §1.4)
+//       + g_z·lse_k·p_k                              (z term)
+// times dt/dz. VEC: 16-byte loads of the logits and stores of the gradient.
 template <typename T, int KT, bool VEC>
-__global__ void __launch_bounds__(kThreads) forward_kernel(RowsArgs a, float* ce_row, float* div_row,
-                                                           float* lse_out, float* stat_out) {
+__device__ __forceinline__ void write_grad_row(const RowsArgs& a, const T* row, T* grow, const GradArgs& g, int64_t y,
+                                               const float (&lse)[KT], const float (&stat)[KT], const RowGrad& rg) {
+  constexpr int W = Group<T>::W;
+  const int64_t V = a.V;
+  const int K = static_cast<int>(a.K);
+  const float smooth_term = a.has_ce ? a.eps / V : 0.0f;
+  float zero[KT];
+#pragma unroll
+  for (int k = 0; k < KT; ++k) zero[k] = 0.0f;
+  float z[KT][W];
+  for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
+    // All K passes of the group are read before any is written: safe when grad aliases logits.
+    load_passes<T, KT, VEC>(row, a, v, K, z);
+    float aux[W], top[W], p_bar[W];
+    if (a.js) {
+      log_mean_prob<KT, W>(z, lse, zero, K, aux);  // aux = log p̄
+    } else {
+      deviation_refs<KT, W>(z, K, top, aux);  // aux = mean_k (t_k − top)
+      // p_k is recomputed below rather than kept: a [KT][W] array more would not fit the
+      // registers at K = 8 with 16-bit logits, and the exponential is cheap next to the row's bytes.
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        float ps = 0.0f;
+#pragma unroll
+        for (int k = 0; k < KT; ++k) ps += k < K ? __expf(z[k][j] - lse[k]) : 0.0f;
+        p_bar[j] = ps / K;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      if (k >= K) break;
+      float out[W];
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const float pk = __expf(z[k][j] - lse[k]);
+        float t;
+        if (a.js) {
+          t = pk == 0.0f ? 0.0f : pk * ((z[k][j] - lse[k]) - aux[j] - stat[k]);  // p_j (r_j − KL_j)
+        } else {
+          const float d = (z[k][j] - finite_or_zero(top[j])) - aux[j];
+          t = (pk == 0.0f ? 0.0f : pk * (d - stat[k] + 1.0f)) - p_bar[j];  // p_j (d_j − s_j + 1) − p̄
+        }
+        float gj = rg.g_div * t;
+        if (a.has_ce) gj += rg.g_ce * (pk - (v + j == y ? 1.0f - a.eps : 0.0f) - smooth_term);
+        if (rg.has_z) gj += rg.g_z * lse[k] * pk;
+        out[j] = gj * chain_factor(z[k][j], a);
+      }
+      store_group<T, VEC>(grow + k * g.stride_k, v, V, g.stride_v, out);
+    }
+  }
+}
+
+// KT is a compile-time bound on the number of passes; passes K..KT-1 are padding read as -inf.
+// EARLY: also write the gradient with the weights known before the forward (VEC then covers the
+// gradient's stores as well as the logits' loads).
+template <typename T, int KT, bool VEC, bool EARLY>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(RowsArgs a, float* ce_row, float* div_row,
+                                                           float* lse_out, float* stat_out, RowWeights w,
+                                                           GradArgs g) {
   constexpr int W = Group<T>::W;
   __shared__ float smem[KT * kWarps];
   const int64_t n = blockIdx.x, N = a.N, V = a.V;
@@ -141,44 +317,53 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RowsArgs a, float* ce
       ce_row[n] = div_row[n] = 0.0f;
       for (int k = 0; k < K; ++k) lse_out[k * N + n] = stat_out[k * N + n] = 0.0f;
     }
+    if constexpr (EARLY) zero_grad_row<T, VEC>(a, g, static_cast<T*>(g.data) + g.row_off[n]);
     return;
   }
   const T* row = static_cast<const T*>(a.logits) + a.row_off[n];
   const bool smooth = a.has_ce && a.eps > 0.0f;
+  // Cross-entropy is taken relative to the target logit (any finite reference would do). Read by
+  // every thread before the first barrier: the one-pass forward may overwrite it afterwards.
+  float zy[KT];
+#pragma unroll
+  for (int k = 0; k < KT; ++k) zy[k] = a.has_ce && k < K ? transform(to_float(row[k * a.stride_k + y * a.stride_v]), a) : 0.0f;
+
+  // One online pass: running max m, S = Σ e^(t−m), A = Σ e^(t−m)·(t − t̄), zs = Σ (t − ref_y).
   float m[KT], S[KT], A[KT], zs[KT], z[KT][W];
 #pragma unroll
   for (int k = 0; k < KT; ++k) m[k] = kNegInf, S[k] = A[k] = zs[k] = 0.0f;
-
   for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
     load_passes<T, KT, VEC>(row, a, v, K, z);
-    float zbar[W];
-#pragma unroll
-    for (int j = 0; j < W; ++j) {
-      float s = 0.0f;
-#pragma unroll
-      for (int k = 0; k < KT; ++k) s += k < K ? z[k][j] : 0.0f;
-      zbar[j] = s / K;
-    }
+    float top[W], t_bar[W];
+    if (!a.js) deviation_refs<KT, W>(z, K, top, t_bar);
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
+      if (k >= K) break;
       float bm = kNegInf;
 #pragma unroll
       for (int j = 0; j < W; ++j) bm = fmaxf(bm, z[k][j]);
       const float m_new = fmaxf(m[k], bm);
-      const float shift = m_new == kNegInf ? 0.0f : m_new;  // avoids (-inf) - (-inf)
+      const float shift = finite_or_zero(m_new);
+      const float ref_y = finite_or_zero(zy[k]);
       float s = 0.0f, acc = 0.0f, zsum = 0.0f;
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         const float e = __expf(z[k][j] - shift);
         s += e;
-        // e == 0: class at -inf in this pass (z - z̄ may be NaN): term 0. NaN logits stay NaN.
-        acc += e == 0.0f ? 0.0f : e * (z[k][j] - zbar[j]);
-        zsum += v + j < V ? z[k][j] : 0.0f;
+        if (!a.js) {
+          // A class at -inf in every pass adds 0. One at -inf in some passes but not all makes
+          // KL(p̄ ‖ p_k) = +inf exactly; deciding that on the logits, not on e > 0, keeps it +inf
+          // where the finite passes' e underflows in fp32. A NaN logit gives e·d = NaN.
+          acc += t_bar[j] == kNegInf ? (top[j] == kNegInf ? 0.0f : kInf)
+                                     : e * ((z[k][j] - finite_or_zero(top[j])) - t_bar[j]);
+        }
+        if (smooth) zsum += v + j < V ? z[k][j] - ref_y : 0.0f;
       }
       const float scale = __expf(m[k] - shift);
       S[k] = S[k] * scale + s;
-      A[k] = A[k] * scale + acc;
-      if (smooth) zs[k] += zsum;
+      // +inf stays +inf: rescaling it by a scale that underflowed to 0 would make it NaN.
+      if (!a.js) A[k] = A[k] == kInf ? A[k] : A[k] * scale + acc;
+      zs[k] += zsum;
       m[k] = m_new;
     }
   }
@@ -189,40 +374,41 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RowsArgs a, float* ce
   block_reduce<KT, true>(M, smem);
 #pragma unroll
   for (int k = 0; k < KT; ++k) {
-    const float f = __expf(m[k] - (M[k] == kNegInf ? 0.0f : M[k]));
+    const float f = __expf(m[k] - finite_or_zero(M[k]));
     S[k] *= f;
-    A[k] *= f;
+    A[k] = A[k] == kInf ? A[k] : A[k] * f;
   }
   block_reduce<KT, false>(S, smem);
-  block_reduce<KT, false>(A, smem);
+  if (!a.js) block_reduce<KT, false>(A, smem);
   if (smooth) block_reduce<KT, false>(zs, smem);
-  float lse[KT], stat[KT];
+  float log_s[KT], lse[KT], stat[KT];
 #pragma unroll
   for (int k = 0; k < KT; ++k) {
-    lse[k] = k < K ? M[k] + __logf(S[k]) : 0.0f;
-    stat[k] = A[k] / S[k];
+    log_s[k] = k < K ? __logf(S[k]) : 0.0f;
+    lse[k] = k < K ? M[k] + log_s[k] : 0.0f;
+    stat[k] = k < K ? A[k] / S[k] : 0.0f;
   }
 
   if (a.js) {
-    // Second pass: KL_k = Σ p_k (log p_k − log p̄).
+    // Second pass: KL_k = Σ p_k (log p_k − log p̄); log p̄ needs every lse_k first.
+    // log p_k = (t − M_k) − log S_k, both differences small whatever the logits' offset.
     float kl[KT];
 #pragma unroll
     for (int k = 0; k < KT; ++k) kl[k] = 0.0f;
     for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
       load_passes<T, KT, VEC>(row, a, v, K, z);
-#pragma unroll
-      for (int k = 0; k < KT; ++k)
-#pragma unroll
-        for (int j = 0; j < W; ++j) z[k][j] -= lse[k];
       float lpbar[W];
-      log_mean_prob<KT, W>(z, K, lpbar);
+      log_mean_prob<KT, W>(z, M, log_s, K, lpbar);
 #pragma unroll
-      for (int k = 0; k < KT; ++k)
+      for (int k = 0; k < KT; ++k) {
+        if (k >= K) break;
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          const float p = __expf(z[k][j]);
-          kl[k] += p == 0.0f ? 0.0f : p * (z[k][j] - lpbar[j]);
+          const float lp = (z[k][j] - M[k]) - log_s[k];
+          const float p = __expf(lp);
+          kl[k] += p == 0.0f ? 0.0f : p * (lp - lpbar[j]);
         }
+      }
     }
     block_reduce<KT, false>(kl, smem);
 #pragma unroll
@@ -231,36 +417,41 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RowsArgs a, float* ce
 
   if (threadIdx.x == 0) {
     float div = 0.0f, ce = 0.0f;
-    for (int k = 0; k < K; ++k) {
+    // Unrolled over KT with a guard, not looped to K: a runtime index would put the per-pass arrays
+    // in local memory.
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      if (k >= K) break;
       div += stat[k];
       lse_out[k * N + n] = lse[k];
       stat_out[k * N + n] = stat[k];
       if (a.has_ce) {
-        const float zy = to_float(row[k * a.stride_k + y * a.stride_v]);
-        ce += smooth ? lse[k] - (1.0f - a.eps) * zy - (a.eps / V) * zs[k] : lse[k] - zy;
+        // CE_k = lse_k − (1−ε)·t_y − ε·mean_v t, every term relative to ref_y.
+        const float ref_y = finite_or_zero(zy[k]);
+        const float ce_k = (M[k] - ref_y) + log_s[k];
+        ce += smooth ? ce_k - (1.0f - a.eps) * (zy[k] - ref_y) - (a.eps / V) * zs[k] : ce_k - (zy[k] - ref_y);
       }
     }
     div_row[n] = div / K;
     ce_row[n] = a.has_ce ? ce / K : 0.0f;
   }
+
+  if constexpr (EARLY) {
+    // Every thread holds the same lse and stat (the block reductions broadcast them), the values
+    // just stored for the exact backward.
+    write_grad_row<T, KT, VEC>(a, row, static_cast<T*>(g.data) + g.row_off[n], g, y, lse, stat, row_grad(a, w, n));
+  }
 }
 
-template <typename T, int KT, bool VEC, bool GVEC>
-__global__ void __launch_bounds__(kThreads) backward_kernel(RowsArgs a, const float* lse_in, const float* stat_in,
-                                                            const float* g_ce_row, const float* g_div_row, T* grad,
-                                                            const int64_t* grad_row_off, int64_t gstride_k,
-                                                            int64_t gstride_v) {
-  constexpr int W = Group<T>::W;
-  const int64_t n = blockIdx.x, N = a.N, V = a.V;
+template <typename T, int KT, bool VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(RowsArgs a, const float* lse_in, const float* stat_in,
+                                                            RowWeights w, GradArgs g) {
+  const int64_t n = blockIdx.x, N = a.N;
   const int K = static_cast<int>(a.K);
   const int64_t y = a.target[n];
-  T* grow = grad + grad_row_off[n];
-  float g[W];
+  T* grow = static_cast<T*>(g.data) + g.row_off[n];
   if (y < 0) {
-#pragma unroll
-    for (int j = 0; j < W; ++j) g[j] = 0.0f;
-    for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W)
-      for (int k = 0; k < K; ++k) store_group<T, GVEC>(grow + k * gstride_k, v, V, gstride_v, g);
+    zero_grad_row<T, VEC>(a, g, grow);
     return;
   }
   const T* row = static_cast<const T*>(a.logits) + a.row_off[n];
@@ -270,122 +461,79 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(RowsArgs a, const fl
     lse[k] = k < K ? lse_in[k * N + n] : 0.0f;
     stat[k] = k < K ? stat_in[k * N + n] : 0.0f;
   }
-  const float g_div = g_div_row[n] / K;
-  const float g_ce = a.has_ce ? g_ce_row[n] / K : 0.0f;
-  const float smooth_term = a.has_ce ? a.eps / V : 0.0f;
-  float z[KT][W], p[KT][W];
-  for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
-    // All K passes of the group are read before any is written: safe when grad aliases logits.
-    load_passes<T, KT, VEC>(row, a, v, K, z);
-#pragma unroll
-    for (int k = 0; k < KT; ++k)
-#pragma unroll
-      for (int j = 0; j < W; ++j) p[k][j] = __expf(z[k][j] - lse[k]);
-    float aux[W], pbar[W];
-    if (a.js) {
-#pragma unroll
-      for (int k = 0; k < KT; ++k)
-#pragma unroll
-        for (int j = 0; j < W; ++j) z[k][j] -= lse[k];  // log p_k
-      log_mean_prob<KT, W>(z, K, aux);
-    } else {
-#pragma unroll
-      for (int j = 0; j < W; ++j) {
-        float zs = 0.0f, ps = 0.0f;
-#pragma unroll
-        for (int k = 0; k < KT; ++k) {
-          zs += k < K ? z[k][j] : 0.0f;
-          ps += p[k][j];
-        }
-        aux[j] = zs / K;
-        pbar[j] = ps / K;
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      if (k >= K) continue;
-#pragma unroll
-      for (int j = 0; j < W; ++j) {
-        const float pk = p[k][j];
-        float t;
-        if (a.js) {
-          t = pk == 0.0f ? 0.0f : pk * (z[k][j] - aux[j] - stat[k]);  // p_j (r_j − KL_j)
-        } else {
-          t = (pk == 0.0f ? 0.0f : pk * (z[k][j] - aux[j] - stat[k] + 1.0f)) - pbar[j];  // p_j (d_j − s_j + 1) − p̄
-        }
-        float gj = g_div * t;
-        if (a.has_ce) gj += g_ce * (pk - (v + j == y ? 1.0f - a.eps : 0.0f) - smooth_term);
-        g[j] = gj;
-      }
-      store_group<T, GVEC>(grow + k * gstride_k, v, V, gstride_v, g);
-    }
+  write_grad_row<T, KT, VEC>(a, row, grow, g, y, lse, stat, row_grad(a, w, n));
+}
+
+template <typename T, int KT>
+cudaError_t forward_for(const RowsArgs& a, float* ce, float* div, float* lse, float* stat, const EarlyGrad* early,
+                        cudaStream_t s) {
+  if (early != nullptr) {
+    if (a.vectorized && early->grad.vectorized)
+      forward_kernel<T, KT, true, true><<<a.N, kThreads, 0, s>>>(a, ce, div, lse, stat, early->weights, early->grad);
+    else
+      forward_kernel<T, KT, false, true><<<a.N, kThreads, 0, s>>>(a, ce, div, lse, stat, early->weights, early->grad);
+  } else {
+    const RowWeights none_w{nullptr, nullptr, nullptr};
+    const GradArgs none_g{nullptr, nullptr, 0, 0, false};
+    if (a.vectorized)
+      forward_kernel<T, KT, true, false><<<a.N, kThreads, 0, s>>>(a, ce, div, lse, stat, none_w, none_g);
+    else
+      forward_kernel<T, KT, false, false><<<a.N, kThreads, 0, s>>>(a, ce, div, lse, stat, none_w, none_g);
   }
-}
-
-template <typename T, int KT>
-cudaError_t forward_for(const RowsArgs& a, float* ce, float* div, float* lse, float* stat, cudaStream_t s) {
-  if (a.vectorized)
-    forward_kernel<T, KT, true><<<a.N, kThreads, 0, s>>>(a, ce, div, lse, stat);
-  else
-    forward_kernel<T, KT, false><<<a.N, kThreads, 0, s>>>(a, ce, div, lse, stat);
   return cudaGetLastError();
 }
 
 template <typename T, int KT>
-cudaError_t backward_for(const RowsArgs& a, const float* lse, const float* stat, const float* g_ce, const float* g_div,
-                         void* grad, const int64_t* goff, int64_t gk, int64_t gv, bool gvec, cudaStream_t s) {
-  T* gp = static_cast<T*>(grad);
-  if (a.vectorized && gvec)
-    backward_kernel<T, KT, true, true><<<a.N, kThreads, 0, s>>>(a, lse, stat, g_ce, g_div, gp, goff, gk, gv);
+cudaError_t backward_for(const RowsArgs& a, const float* lse, const float* stat, const RowWeights& w,
+                         const GradArgs& g, cudaStream_t s) {
+  if (a.vectorized && g.vectorized)
+    backward_kernel<T, KT, true><<<a.N, kThreads, 0, s>>>(a, lse, stat, w, g);
   else
-    backward_kernel<T, KT, false, false><<<a.N, kThreads, 0, s>>>(a, lse, stat, g_ce, g_div, gp, goff, gk, gv);
+    backward_kernel<T, KT, false><<<a.N, kThreads, 0, s>>>(a, lse, stat, w, g);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t forward_dtype(const RowsArgs& a, float* ce, float* div, float* lse, float* stat, cudaStream_t s) {
-  if (a.K <= 2) return forward_for<T, 2>(a, ce, div, lse, stat, s);
-  if (a.K <= 4) return forward_for<T, 4>(a, ce, div, lse, stat, s);
-  return forward_for<T, 8>(a, ce, div, lse, stat, s);
+cudaError_t forward_dtype(const RowsArgs& a, float* ce, float* div, float* lse, float* stat, const EarlyGrad* early,
+                          cudaStream_t s) {
+  if (a.K <= 2) return forward_for<T, 2>(a, ce, div, lse, stat, early, s);
+  if (a.K <= 4) return forward_for<T, 4>(a, ce, div, lse, stat, early, s);
+  return forward_for<T, 8>(a, ce, div, lse, stat, early, s);
 }
 
 template <typename T>
-cudaError_t backward_dtype(const RowsArgs& a, const float* lse, const float* stat, const float* g_ce,
-                           const float* g_div, void* grad, const int64_t* goff, int64_t gk, int64_t gv, bool gvec,
-                           cudaStream_t s) {
-  if (a.K <= 2) return backward_for<T, 2>(a, lse, stat, g_ce, g_div, grad, goff, gk, gv, gvec, s);
-  if (a.K <= 4) return backward_for<T, 4>(a, lse, stat, g_ce, g_div, grad, goff, gk, gv, gvec, s);
-  return backward_for<T, 8>(a, lse, stat, g_ce, g_div, grad, goff, gk, gv, gvec, s);
+cudaError_t backward_dtype(const RowsArgs& a, const float* lse, const float* stat, const RowWeights& w,
+                           const GradArgs& g, cudaStream_t s) {
+  if (a.K <= 2) return backward_for<T, 2>(a, lse, stat, w, g, s);
+  if (a.K <= 4) return backward_for<T, 4>(a, lse, stat, w, g, s);
+  return backward_for<T, 8>(a, lse, stat, w, g, s);
 }
+
+// The grid has one block per row: N may not exceed the grid's x limit.
+constexpr int64_t kMaxBlocks = 2147483647;
 
 }  // namespace
 
 cudaError_t launch_forward(const RowsArgs& a, float* ce_row, float* div_row, float* lse, float* stat,
-                           cudaStream_t stream) {
-  if (a.K < 2 || a.K > kMaxPasses) return cudaErrorInvalidValue;
+                           const EarlyGrad* early, cudaStream_t stream) {
+  if (a.K < 2 || a.K > kMaxPasses || a.N > kMaxBlocks) return cudaErrorInvalidValue;
   if (a.N == 0) return cudaSuccess;
   switch (a.dtype) {
-    case DType::Float32: return forward_dtype<float>(a, ce_row, div_row, lse, stat, stream);
-    case DType::Float16: return forward_dtype<__half>(a, ce_row, div_row, lse, stat, stream);
-    case DType::BFloat16: return forward_dtype<__nv_bfloat16>(a, ce_row, div_row, lse, stat, stream);
+    case DType::Float32: return forward_dtype<float>(a, ce_row, div_row, lse, stat, early, stream);
+    case DType::Float16: return forward_dtype<__half>(a, ce_row, div_row, lse, stat, early, stream);
+    case DType::BFloat16: return forward_dtype<__nv_bfloat16>(a, ce_row, div_row, lse, stat, early, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_backward(const RowsArgs& a, const float* lse, const float* stat, const float* g_ce,
-                            const float* g_div, void* grad, const int64_t* grad_row_off, int64_t grad_stride_k,
-                            int64_t grad_stride_v, bool grad_vectorized, cudaStream_t stream) {
-  if (a.K < 2 || a.K > kMaxPasses) return cudaErrorInvalidValue;
+cudaError_t launch_backward(const RowsArgs& a, const float* lse, const float* stat, const RowWeights& weights,
+                            const GradArgs& grad, cudaStream_t stream) {
+  if (a.K < 2 || a.K > kMaxPasses || a.N > kMaxBlocks) return cudaErrorInvalidValue;
   if (a.N == 0) return cudaSuccess;
-  const auto args = [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    return backward_dtype<T>(a, lse, stat, g_ce, g_div, grad, grad_row_off, grad_stride_k, grad_stride_v,
-                             grad_vectorized, stream);
-  };
   switch (a.dtype) {
-    case DType::Float32: return args(static_cast<float*>(nullptr));
-    case DType::Float16: return args(static_cast<__half*>(nullptr));
-    case DType::BFloat16: return args(static_cast<__nv_bfloat16*>(nullptr));
+    case DType::Float32: return backward_dtype<float>(a, lse, stat, weights, grad, stream);
+    case DType::Float16: return backward_dtype<__half>(a, lse, stat, weights, grad, stream);
+    case DType::BFloat16: return backward_dtype<__nv_bfloat16>(a, lse, stat, weights, grad, stream);
   }
   return cudaErrorInvalidValue;
 }
