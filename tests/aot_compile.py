@@ -28,12 +28,16 @@ RESOURCE_CHECKED_CAPS = (90,)
 MAX_REGISTERS_PER_THREAD = 255
 
 
-def programs_per_sm_assumed(kernel_name, shape, flags, options=None) -> int:
+def programs_per_sm_assumed(kernel_name, shape, flags, options=None, dtype_bytes=4) -> int:
     """MIN_PROGRAMS_PER_SM, except where it is measured not to hold: the forward with label
     smoothing from K = 5 (K_PAD = 8) keeps the smoothing row sum as one more [K_PAD, BLOCK_V]
     temporary and needs up to 166 registers (fp32, K = 8, sm_90): one program per SM there."""
     has_ce, smooth, _ = flags
     if kernel_name == "_forward_kernel" and smooth and shape[0] >= 5:
+        return 1
+    # 16-bit inputs at K_PAD = 8: 64 values per thread and tile (VALUES_PER_THREAD), for 16-byte
+    # loads without a barrier; up to 254 registers (bf16 backward, K = 8, sm_90).
+    if dtype_bytes == 2 and shape[0] >= 5:
         return 1
     # Likewise softcap from K = 4 (its tanh and dt/dz over the whole tile; up to 206 registers,
     # bf16 JS backward, K = 4, sm_90) and the one-pass forward's gradient sweep from K = 5
@@ -138,7 +142,7 @@ def main(kernel_name, dtype, cap):
             usage = ptxas_usage(ptx, cap)
             what = f"{kernel_name} {dtype} sm_{cap} K,V={shape} (CE, smooth, JS)={flags} align={align} {sorted(options)}"
             assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"register spill in {what}: {usage}"
-            programs = programs_per_sm_assumed(kernel_name, shape, flags, options)
+            programs = programs_per_sm_assumed(kernel_name, shape, flags, options, ELEMENT_BYTES[dtype])
             budget = register_budget(compiled.metadata.num_warps, programs)
             assert usage["registers"] <= budget, (
                 f"{what}: {usage['registers']} registers > {budget}, too many for {programs} programs of "

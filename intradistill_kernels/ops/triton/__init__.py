@@ -14,14 +14,18 @@ import torch
 from ..backend import EarlyGrad, RowsConfig, RowStats, RowWeights
 from ..rows import row_offsets
 
-# fp32 values a thread holds per [K_PAD, BLOCK_V] temporary; above this the compiler spills
-# (at 64, 16-bit inputs with K_PAD = 8 spilled 32 bytes and needed up to 245 registers on sm_90).
-VALUES_PER_THREAD = 32
+# fp32 values a thread holds per [K_PAD, BLOCK_V] temporary; above this the compiler spills.
+# 16-bit inputs at K_PAD = 8 need all 64 to keep one 16-byte load per row with every warp along V:
+# at 32, Triton still vectorises by 16 bytes and puts warps across K, and the backward then
+# reduces over passes through shared memory with a barrier on every block (measured, sm_90).
+# At 64 the 16-bit forward with JS at K = 6 still spills 32 bytes (sm_90; the AOT test says so).
+VALUES_PER_THREAD = 64
 NUM_WARPS = 8
 # The occupancy launch_config assumes: at least two programs resident per SM, so that one streams
 # its rows while the other finishes its reductions and stores. With NUM_WARPS warps that caps a
 # thread at 65536 / (2 * 256) = 128 registers; tests/aot_compile.py checks every compiled variant
-# against it (and for 0 bytes of spill) with ptxas -v, and names the few that get one program.
+# against it (and for 0 bytes of spill) with ptxas -v, and names those that get one program
+# (16-bit inputs at K_PAD = 8 among them: 64 values per thread and tile, up to 254 registers).
 MIN_PROGRAMS_PER_SM = 2
 
 
