@@ -40,12 +40,13 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 from transformers.trainer_utils import unwrap_peft_model
 
+from .._core import BACKENDS, DIVERGENCES
 from .output_layer import capture_output_layer_input, check_not_sharded, check_probe, output_layer_of
 
 __all__ = ["IntraDistillationArguments", "IntraDistillationMixin", "IntraDistillationTrainer", "repeat_batch"]
 
 _QA_KEYS = ("start_positions", "end_positions")
-_BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+_BACKENDS = ("auto",) + BACKENDS
 IGNORE = -100
 
 
@@ -126,8 +127,8 @@ class IntraDistillationArguments:
         _real("z_loss", self.z_loss, 0.0)
         if self.z_loss and "z_loss" not in inspect.signature(intra_distillation_loss).parameters:
             raise ValueError("z_loss needs an intradistill_kernels version whose losses take `z_loss`")
-        if self.divergence not in ("x", "js", "jeffrey"):
-            raise ValueError(f"divergence must be 'x', 'js' or 'jeffrey', got {self.divergence!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {self.divergence!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         for name in ("adaptive", "fused_linear"):
