@@ -17,6 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -77,28 +78,45 @@ def load_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(minilm_path())
 
 
-def load_model(num_labels: int, layers: int | None = None):
-    """all-MiniLM-L6-v2 with a fresh classification head; `layers` keeps only the first N
-    pretrained encoder layers (a cheaper model that is still pretrained)."""
+class MeanPooledClassifier(torch.nn.Module):
+    """The encoder, the mean of its token states (how all-MiniLM-L6-v2 was trained to embed a
+    sentence; its [CLS] state and pooler are nearly constant across inputs, and a head on them
+    stayed at the majority class), dropout and a linear head. Returns an object with .logits."""
+
+    def __init__(self, encoder, num_labels: int):
+        super().__init__()
+        self.encoder, self.config = encoder, encoder.config
+        self.dropout = torch.nn.Dropout(encoder.config.hidden_dropout_prob)
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask):
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return SimpleNamespace(logits=self.classifier(self.dropout(pooled)))
+
+
+def load_model(num_labels: int, layers: int | None = None) -> MeanPooledClassifier:
+    """all-MiniLM-L6-v2 with a fresh classification head on its mean-pooled states; `layers`
+    keeps only the first N pretrained encoder layers (a cheaper model that is still pretrained)."""
     import transformers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = minilm_path()
-    overrides = {"num_labels": num_labels}
-    if layers is not None:
-        overrides["num_hidden_layers"] = layers
+    overrides = {} if layers is None else {"num_hidden_layers": layers}
     config = transformers.AutoConfig.from_pretrained(path, **overrides)
     hf_logging = transformers.utils.logging
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    # The fresh head and dropped layers are intended, and a loading bar per run clutters the log.
+    # Dropped layers and the unused pooler are intended, and a loading bar per run clutters the log.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return transformers.AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        encoder = transformers.AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+    return MeanPooledClassifier(encoder, num_labels)
 
 
 def encode(tokenizer, rows, max_length: int) -> list[tuple[list[int], int]]:
