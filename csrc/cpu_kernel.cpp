@@ -46,7 +46,7 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 // exp(x) with ~1 ulp error, vectorisable: 2^n * p(r) with Cody-Waite reduction (Cephes
 // coefficients). Below -87 the result is 0 (no subnormals): nothing may decide that a class is at
 // -inf from exp(z - m) == 0, which a finite class 88 below its pass's max also gives; the X form
-// counts the -inf logits themselves (infinite_count). NaN stays NaN.
+// decides it on the logits themselves (deviations). NaN stays NaN.
 inline float fast_exp(float x) {
   float xc = std::min(std::max(x, -87.0f), 88.0f);
   float n = std::floor(xc * 1.44269504088896341f + 0.5f);
@@ -146,35 +146,31 @@ inline float lane_sum(const float* acc) {
   return s;
 }
 
-// z − z̄ is formed as t − t̄ with t = z − max_k z per class: exact where the K logits of a class are
-// close, however large they are (z̄ itself would round at their size). Fills ref (max_k z, 0 for a
-// class at -inf everywhere, whose NaN callers mask) and tbar (t̄) for the n classes of the chunk.
-inline void deviation_refs(const float* z, int64_t K, int64_t n, float* ref, float* tbar) {
+// d_k = z_k − z̄ of the n classes of a chunk of K rows (z and d: K rows of CHUNK floats), formed as
+// t_k − t̄ with t = z − max_k z per class: exact where the K logits of a class are close, however
+// large they are (z̄ itself would round at their size). ref and tbar are CHUNK floats of scratch.
+// A class at -inf in any pass gets d = 0 in every pass (t̄ = -inf there; at -inf everywhere its
+// term is 0, and one at -inf in some passes but not all makes KL(p̄ ‖ p_k) = +inf exactly, which
+// the return value reports, decided on the logits because the finite passes' exponentials may
+// underflow to 0). A NaN logit gives NaN.
+inline bool deviations(const float* z, int64_t K, int64_t n, float* ref, float* tbar, float* d) {
   for (int64_t i = 0; i < n; ++i) ref[i] = z[i];
   for (int64_t k = 1; k < K; ++k)
     for (int64_t i = 0; i < n; ++i) ref[i] = std::max(ref[i], z[k * CHUNK + i]);
+  int32_t partly = 0;  // an integer OR: a float max would not vectorise without -ffast-math
+  for (int64_t i = 0; i < n; ++i) tbar[i] = 0.0f;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < n; ++i) tbar[i] += z[k * CHUNK + i] - (ref[i] == NEG_INF ? 0.0f : ref[i]);
+  const float inv_k = 1.0f / static_cast<float>(K);
   for (int64_t i = 0; i < n; ++i) {
+    tbar[i] *= inv_k;
+    partly |= static_cast<int32_t>(tbar[i] == NEG_INF) & static_cast<int32_t>(ref[i] != NEG_INF);
     ref[i] = ref[i] == NEG_INF ? 0.0f : ref[i];
-    tbar[i] = 0.0f;
   }
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t i = 0; i < n; ++i) tbar[i] += z[k * CHUNK + i] - ref[i];
-  const float inv_k = 1.0f / static_cast<float>(K);
-  for (int64_t i = 0; i < n; ++i) tbar[i] *= inv_k;
-}
-
-// Per class, the number of passes at -inf (as a float, so that the loops vectorise). A class at
-// -inf in some passes but not all makes KL(p̄ ‖ p_k) = +inf exactly; deciding that on the inputs
-// keeps it +inf where the finite passes' probabilities underflow to 0. Returns whether any class of
-// the chunk is such a class.
-inline bool infinite_count(const float* z, int64_t K, int64_t n, float* count) {
-  for (int64_t i = 0; i < n; ++i) count[i] = 0.0f;
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t i = 0; i < n; ++i) count[i] += z[k * CHUNK + i] == NEG_INF ? 1.0f : 0.0f;
-  const float kf = static_cast<float>(K);
-  float partly = 0.0f;
-  for (int64_t i = 0; i < n; ++i) partly = std::max(partly, count[i] > 0.0f && count[i] < kf ? 1.0f : 0.0f);
-  return partly > 0.0f;
+    for (int64_t i = 0; i < n; ++i)
+      d[k * CHUNK + i] = tbar[i] == NEG_INF ? 0.0f : (z[k * CHUNK + i] - ref[i]) - tbar[i];
+  return partly != 0;
 }
 
 // log(x) with ~1 ulp error for x > 0, vectorisable: x = 2^e * m with m in [sqrt(1/2), sqrt(2)),
@@ -263,7 +259,7 @@ inline bool row_fits_cache(int64_t K, int64_t V, bool js) {
 
 // Per-thread buffers of the row kernels.
 struct Scratch {
-  std::vector<float> z, p, lp, zref, tbar, ninf, pbar, lpbar, g, scratch;
+  std::vector<float> z, p, lp, d, zref, tbar, pbar, lpbar, g, scratch;
   std::vector<float> m, S, log_s, stat, lse, A, zsum, zy, ref_y;
   // One-pass cache (empty when the rows do not fit): e per [chunk][k][CHUNK], σ per [chunk][k],
   // and for JS log p̄ per [chunk][CHUNK] from the statistics' second sweep.
@@ -271,7 +267,7 @@ struct Scratch {
   bool cached = false;
 
   Scratch(int64_t K, int64_t V, bool js, bool cache)
-      : z(K * CHUNK), p(K * CHUNK), lp(K * CHUNK), zref(CHUNK), tbar(CHUNK), ninf(CHUNK), pbar(CHUNK), lpbar(CHUNK),
+      : z(K * CHUNK), p(K * CHUNK), lp(K * CHUNK), d(K * CHUNK), zref(CHUNK), tbar(CHUNK), pbar(CHUNK), lpbar(CHUNK),
         g(CHUNK), scratch(CHUNK), m(K), S(K), log_s(K), stat(K), lse(K), A(K), zsum(K), zy(K), ref_y(K),
         cached(cache) {
     if (cache) {
@@ -305,8 +301,7 @@ std::pair<float, float> row_statistics(const Rows<T>& rows, const T* row, int64_
     const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
     for (int64_t k = 0; k < K; ++k) rows.load(row, k, v0, len, padded, &z[k * CHUNK]);
     if (!c.js) {
-      deviation_refs(z, K, padded, sc.zref.data(), sc.tbar.data());
-      partly_inf |= infinite_count(z, K, padded, sc.ninf.data());
+      partly_inf |= deviations(z, K, padded, sc.zref.data(), sc.tbar.data(), sc.d.data());
     }
     for (int64_t k = 0; k < K; ++k) {
       const float* zk = &z[k * CHUNK];
@@ -317,22 +312,25 @@ std::pair<float, float> row_statistics(const Rows<T>& rows, const T* row, int64_
       float* ek = sc.cached ? &sc.e[(chunk * K + k) * CHUNK] : sc.p.data();
       if (sc.cached) sc.shift[chunk * K + k] = shift;
       for (int64_t i = 0; i < padded; ++i) ek[i] = fast_exp(zk[i] - shift);
+      // d_k is 0 at classes at -inf in any pass, so e·d_k needs no guard; a NaN logit gives
+      // e = NaN, which reaches the result.
       float s_acc[LANES] = {0}, a_acc[LANES] = {0};
       for (int64_t i = 0; i < padded; i += LANES)
-        for (int j = 0; j < LANES; ++j) {
-          const float e = ek[i + j];
-          s_acc[j] += e;
-          // Classes at -inf in any pass add no finite term (those at -inf in only some make
-          // the row +inf below); a NaN logit gives e = NaN, which reaches the result.
-          if (!c.js)
-            a_acc[j] += sc.ninf[i + j] > 0.0f ? 0.0f : e * ((zk[i + j] - sc.zref[i + j]) - sc.tbar[i + j]);
-        }
+        for (int j = 0; j < LANES; ++j) s_acc[j] += ek[i + j];
+      if (!c.js) {
+        const float* dk = &sc.d[k * CHUNK];
+        for (int64_t i = 0; i < padded; i += LANES)
+          for (int j = 0; j < LANES; ++j) a_acc[j] += ek[i + j] * dk[i + j];
+      }
       sc.S[k] = sc.S[k] * scale + lane_sum(s_acc);
       if (!c.js) sc.A[k] = sc.A[k] * scale + lane_sum(a_acc);
       if (smooth) {
-        float acc = 0.0f;
-        for (int64_t i = 0; i < len; ++i) acc += zk[i] - sc.ref_y[k];
-        sc.zsum[k] += acc;
+        // Per-lane partial sums, so that the loop vectorises (one running float would not).
+        const float ref = sc.ref_y[k];
+        float z_acc[LANES] = {0};
+        for (int64_t i = 0; i < padded; i += LANES)
+          for (int j = 0; j < LANES; ++j) z_acc[j] += i + j < len ? zk[i + j] - ref : 0.0f;
+        sc.zsum[k] += lane_sum(z_acc);
       }
       sc.m[k] = m_new;
     }
@@ -431,7 +429,7 @@ void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c,
         log_mean_prob(lp, K, len, sc.scratch.data(), sc.lpbar.data());
       }
     } else {
-      deviation_refs(z, K, padded, sc.zref.data(), sc.tbar.data());
+      deviations(z, K, padded, sc.zref.data(), sc.tbar.data(), sc.d.data());
       for (int64_t i = 0; i < padded; ++i) sc.pbar[i] = 0.0f;
       for (int64_t k = 0; k < K; ++k)
         for (int64_t i = 0; i < padded; ++i) sc.pbar[i] += p[k * CHUNK + i];
@@ -447,11 +445,10 @@ void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c,
         for (int64_t i = 0; i < len; ++i) g[i] = g_div * (pk[i] == 0.0f ? 0.0f : pk[i] * (lpk[i] - lpbar[i] - s));
       } else {
         // ∂X/∂t_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
-        const float* zref = sc.zref.data();
-        const float* tbar = sc.tbar.data();
+        const float* dk = &sc.d[k * CHUNK];
         const float* pbar = sc.pbar.data();
         for (int64_t i = 0; i < len; ++i)
-          g[i] = g_div * ((pk[i] == 0.0f ? 0.0f : pk[i] * ((zk[i] - zref[i]) - tbar[i] - s + 1.0f)) - pbar[i]);
+          g[i] = g_div * ((pk[i] == 0.0f ? 0.0f : pk[i] * (dk[i] - s + 1.0f)) - pbar[i]);
       }
       // ∂CE_k/∂t_k = p_k − (1−ε)·onehot(y) − ε/V and ∂lse_k²/∂t_k = 2·lse_k·p_k share the p_k term.
       const float p_coef = g_ce + 2.0f * g_z * (g_z != 0.0f ? lse[k] : 0.0f);
