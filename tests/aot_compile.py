@@ -19,33 +19,21 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from helpers import parse_ptxas_verbose  # noqa: E402  (this script's folder is on sys.path)
-from intradistill_kernels.ops.triton import MIN_PROGRAMS_PER_SM, kernels, launch_config  # noqa: E402
+from intradistill_kernels.ops.triton import (  # noqa: E402
+    MIN_PROGRAMS_PER_SM, kernels, launch_config, programs_per_sm, register_limit,
+)
 
-REGISTERS_PER_SM = 65536  # sm_80 and sm_90 alike
 # Registers and spills are read (ptxas -v, 0.4 s a variant) for the Hopper target the performance
 # is judged on; sm_80 is compiled only.
 RESOURCE_CHECKED_CAPS = (90,)
-MAX_REGISTERS_PER_THREAD = 255
 
 
 def programs_per_sm_assumed(kernel_name, shape, flags, options=None, dtype_bytes=4) -> int:
-    """MIN_PROGRAMS_PER_SM, except where it is measured not to hold: the forward with label
-    smoothing from K = 5 (K_PAD = 8) keeps the smoothing row sum as one more [K_PAD, BLOCK_V]
-    temporary and needs up to 166 registers (fp32, K = 8, sm_90): one program per SM there."""
-    has_ce, smooth, _ = flags
-    if kernel_name == "_forward_kernel" and smooth and shape[0] >= 5:
-        return 1
-    # 16-bit inputs at K_PAD = 8: 64 values per thread and tile (VALUES_PER_THREAD), for 16-byte
-    # loads without a barrier; up to 254 registers (bf16 backward, K = 8, sm_90).
-    if dtype_bytes == 2 and shape[0] >= 5:
-        return 1
-    # Likewise softcap from K = 4 (its tanh and dt/dz over the whole tile; up to 206 registers,
-    # bf16 JS backward, K = 4, sm_90) and the one-pass forward's gradient sweep from K = 5
-    # (K_PAD = 8: up to 195), as measured: one program per SM there.
+    """The occupancy the launcher assumes for this variant (ops/triton: programs_per_sm)."""
     options = options or {}
-    if options.get("SOFTCAP") and shape[0] >= 4 or options.get("EARLY") and shape[0] >= 5:
-        return 1
-    return MIN_PROGRAMS_PER_SM
+    return programs_per_sm(kernel_name == "_forward_kernel", shape[0], dtype_bytes, flags[1],
+                           bool(options.get("SOFTCAP")), bool(options.get("EARLY")))
+
 
 TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -95,6 +83,10 @@ def compile_variant(kernel, dtype, cap, shape, flags, align, contiguous, options
     pointers and 16-divisible integers carry tt.divisibility."""
     cfg = launch_config(*shape, ELEMENT_BYTES[dtype])
     num_warps = cfg.pop("num_warps")
+    options_ = {"num_warps": num_warps}
+    if kernel is kernels._forward_kernel:  # as the launcher: ops/triton forward_register_limit
+        options_["maxnreg"] = register_limit(num_warps, programs_per_sm_assumed("_forward_kernel", shape, flags, options,
+                                                                                ELEMENT_BYTES[dtype]))
     has_ce, smooth, js = flags
     constexprs = dict(cfg, HAS_CE=has_ce, SMOOTH=smooth, JS=js, ALIGN=align or 16 // ELEMENT_BYTES[dtype])
     constexprs.update({n: bool((options or {}).get(n)) for n in ALL_OPTIONS if n in kernel.arg_names})
@@ -106,14 +98,11 @@ def compile_variant(kernel, dtype, cap, shape, flags, align, contiguous, options
             divisible.append("V")
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options_)
 
 
 def register_budget(num_warps: int, programs_per_sm: int = MIN_PROGRAMS_PER_SM) -> int:
-    """Registers per thread that let `programs_per_sm` programs of num_warps warps share an SM.
-    Registers are allocated per warp in units of 256, i.e. 8 per thread: round down to that."""
-    per_thread = REGISTERS_PER_SM // (programs_per_sm * num_warps * 32)
-    return min(MAX_REGISTERS_PER_THREAD, per_thread - per_thread % 8)
+    return register_limit(num_warps, programs_per_sm)
 
 
 def ptxas_usage(ptx: str, cap: int) -> dict:

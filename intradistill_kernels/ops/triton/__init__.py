@@ -27,6 +27,37 @@ NUM_WARPS = 8
 # against it (and for 0 bytes of spill) with ptxas -v, and names those that get one program
 # (16-bit inputs at K_PAD = 8 among them: 64 values per thread and tile, up to 254 registers).
 MIN_PROGRAMS_PER_SM = 2
+REGISTERS_PER_SM = 65536  # sm_80 and sm_90 alike
+MAX_REGISTERS_PER_THREAD = 255
+
+
+def programs_per_sm(forward: bool, k: int, element_size: int, smooth: bool, softcap: bool, early: bool) -> int:
+    """MIN_PROGRAMS_PER_SM, except where it was measured not to hold (ptxas -v, sm_90): the forward
+    with label smoothing from K = 5 (K_PAD = 8) keeps the smoothing row sum as one more tile (up to
+    166 registers, fp32, K = 8); 16-bit inputs at K_PAD = 8 hold 64 values per thread and tile for
+    16-byte loads without a barrier (up to 254, bf16 backward, K = 8); softcap from K = 4 (its tanh
+    and dt/dz over the whole tile: up to 206) and the one-pass forward's gradient sweep from K = 5
+    (up to 195). One program per SM there."""
+    if (forward and smooth and k >= 5) or (element_size == 2 and k >= 5) or (softcap and k >= 4) or (early and k >= 5):
+        return 1
+    return MIN_PROGRAMS_PER_SM
+
+
+def register_limit(num_warps: int, programs: int) -> int:
+    """Registers per thread that let `programs` programs of num_warps warps share an SM (allocated
+    per warp in units of 256, i.e. 8 per thread)."""
+    per_thread = REGISTERS_PER_SM // (programs * num_warps * 32)
+    return min(MAX_REGISTERS_PER_THREAD, per_thread - per_thread % 8)
+
+
+def forward_register_limit(num_warps: int, k: int, element_size: int, smooth: bool, softcap: bool, early: bool) -> int:
+    """maxnreg for the forward kernel. Left to itself, ptxas (through Triton) capped some forward
+    variants below the budget and spilled (16-bit, JS: K = 3 at 64 registers with 8 bytes of
+    spill, K = 6 at 128 with 32); given the budget it allocates what they need (101 and 145, no
+    spill). The backward is left to ptxas's own choice, which fits the budget without spilling
+    where an explicit limit made it spill (bf16, K = 3, smoothing: 12 bytes at 128): the static
+    check in tests/aot_compile.py holds both to 0 bytes."""
+    return register_limit(num_warps, programs_per_sm(True, k, element_size, smooth, softcap, early))
 
 
 # Any K: a token's rows are one [K_PAD, BLOCK_V] tile whose width shrinks as K grows.
@@ -88,9 +119,13 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _constants(cfg: RowsConfig, k: int, v: int, element_size: int, has_z: bool) -> dict:
+def _constants(cfg: RowsConfig, k: int, v: int, element_size: int, has_z: bool, forward: bool = False,
+               early: bool = False) -> dict:
+    launch = launch_config(k, v, element_size)
+    if forward:
+        launch["maxnreg"] = forward_register_limit(launch["num_warps"], k, element_size, cfg.smooth, cfg.softcap > 0, early)
     return dict(HAS_CE=cfg.has_ce, SMOOTH=cfg.smooth, JS=cfg.js, SCALE=cfg.logit_scale != 1.0, SOFTCAP=cfg.softcap > 0,
-                HAS_Z=has_z, **launch_config(k, v, element_size))
+                HAS_Z=has_z, **launch)
 
 
 def _options(cfg: RowsConfig) -> tuple:
@@ -132,7 +167,7 @@ def forward(logits: torch.Tensor, target: torch.Tensor, cfg: RowsConfig, early: 
             logits, offsets, target, *out, *weights, grad, grad_offsets,
             n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1), *_options(cfg),
             ALIGN=row_alignment(logits, grad), EARLY=early is not None,
-            **_constants(cfg, k, v, logits.element_size(), has_z),
+            **_constants(cfg, k, v, logits.element_size(), has_z, forward=True, early=early is not None),
         )
     return out
 
