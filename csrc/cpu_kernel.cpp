@@ -146,30 +146,39 @@ inline float lane_sum(const float* acc) {
   return s;
 }
 
-// d_k = z_k − z̄ of the n classes of a chunk of K rows (z and d: K rows of CHUNK floats), formed as
-// t_k − t̄ with t = z − max_k z per class: exact where the K logits of a class are close, however
-// large they are (z̄ itself would round at their size). ref and tbar are CHUNK floats of scratch.
-// A class at -inf in any pass gets d = 0 in every pass (t̄ = -inf there; at -inf everywhere its
-// term is 0, and one at -inf in some passes but not all makes KL(p̄ ‖ p_k) = +inf exactly, which
-// the return value reports, decided on the logits because the finite passes' exponentials may
-// underflow to 0). A NaN logit gives NaN.
-inline bool deviations(const float* z, int64_t K, int64_t n, float* ref, float* tbar, float* d) {
+// z − z̄ of the n classes of a chunk of K rows (z: K rows of CHUNK floats) is formed as
+// (z − ref) − tbar with ref = max_k z and tbar = mean_k (z − ref): exact where the K logits of a
+// class are close, however large they are (z̄ itself would round at their size). ref is 0 at a class
+// at -inf in every pass, and tbar is -inf exactly where some pass is at -inf (d is NaN or ±inf
+// there: callers mask it).
+inline void deviation_refs(const float* z, int64_t K, int64_t n, float* ref, float* tbar) {
   for (int64_t i = 0; i < n; ++i) ref[i] = z[i];
   for (int64_t k = 1; k < K; ++k)
     for (int64_t i = 0; i < n; ++i) ref[i] = std::max(ref[i], z[k * CHUNK + i]);
-  int32_t partly = 0;  // an integer OR: a float max would not vectorise without -ffast-math
-  for (int64_t i = 0; i < n; ++i) tbar[i] = 0.0f;
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t i = 0; i < n; ++i) tbar[i] += z[k * CHUNK + i] - (ref[i] == NEG_INF ? 0.0f : ref[i]);
-  const float inv_k = 1.0f / static_cast<float>(K);
   for (int64_t i = 0; i < n; ++i) {
-    tbar[i] *= inv_k;
-    partly |= static_cast<int32_t>(tbar[i] == NEG_INF) & static_cast<int32_t>(ref[i] != NEG_INF);
     ref[i] = ref[i] == NEG_INF ? 0.0f : ref[i];
+    tbar[i] = z[i] - ref[i];
   }
+  for (int64_t k = 1; k < K; ++k)
+    for (int64_t i = 0; i < n; ++i) tbar[i] += z[k * CHUNK + i] - ref[i];
+  const float inv_k = 1.0f / static_cast<float>(K);
+  for (int64_t i = 0; i < n; ++i) tbar[i] *= inv_k;
+}
+
+// d_k = (z_k − ref) − tbar into d (K rows of CHUNK floats), 0 at classes at -inf in any pass.
+// Their term is 0 where every pass is at -inf; where only some are, KL(p̄ ‖ p_k) = +inf exactly,
+// which the return value reports, decided on the logits because the finite passes' exponentials
+// may underflow to 0. A NaN logit gives NaN.
+inline bool deviations(const float* z, int64_t K, int64_t n, float* ref, float* tbar, float* d) {
+  deviation_refs(z, K, n, ref, tbar);
+  int32_t partly = 0;  // an integer OR: a float max would not vectorise without -ffast-math
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t i = 0; i < n; ++i)
-      d[k * CHUNK + i] = tbar[i] == NEG_INF ? 0.0f : (z[k * CHUNK + i] - ref[i]) - tbar[i];
+    for (int64_t i = 0; i < n; ++i) {
+      const float zk = z[k * CHUNK + i];
+      const bool some_inf = tbar[i] == NEG_INF;
+      partly |= static_cast<int32_t>(some_inf) & static_cast<int32_t>(zk != NEG_INF);
+      d[k * CHUNK + i] = some_inf ? 0.0f : (zk - ref[i]) - tbar[i];
+    }
   return partly != 0;
 }
 
@@ -429,7 +438,7 @@ void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c,
         log_mean_prob(lp, K, len, sc.scratch.data(), sc.lpbar.data());
       }
     } else {
-      deviations(z, K, padded, sc.zref.data(), sc.tbar.data(), sc.d.data());
+      deviation_refs(z, K, padded, sc.zref.data(), sc.tbar.data());
       for (int64_t i = 0; i < padded; ++i) sc.pbar[i] = 0.0f;
       for (int64_t k = 0; k < K; ++k)
         for (int64_t i = 0; i < padded; ++i) sc.pbar[i] += p[k * CHUNK + i];
@@ -445,10 +454,11 @@ void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c,
         for (int64_t i = 0; i < len; ++i) g[i] = g_div * (pk[i] == 0.0f ? 0.0f : pk[i] * (lpk[i] - lpbar[i] - s));
       } else {
         // ∂X/∂t_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
-        const float* dk = &sc.d[k * CHUNK];
+        const float* zref = sc.zref.data();
+        const float* tbar = sc.tbar.data();
         const float* pbar = sc.pbar.data();
         for (int64_t i = 0; i < len; ++i)
-          g[i] = g_div * ((pk[i] == 0.0f ? 0.0f : pk[i] * (dk[i] - s + 1.0f)) - pbar[i]);
+          g[i] = g_div * ((pk[i] == 0.0f ? 0.0f : pk[i] * ((zk[i] - zref[i]) - tbar[i] - s + 1.0f)) - pbar[i]);
       }
       // ∂CE_k/∂t_k = p_k − (1−ε)·onehot(y) − ε/V and ∂lse_k²/∂t_k = 2·lse_k·p_k share the p_k term.
       const float p_coef = g_ce + 2.0f * g_z * (g_z != 0.0f ? lse[k] : 0.0f);
