@@ -35,7 +35,7 @@ import intradistill_kernels as idk
 
 from . import measure, report
 from .grid import Grid, gpu_check_grid
-from .run import measure_shape, run_metadata
+from .run import base_parser, measure_shape, run_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 # The targets of the request, on H100/H200-class GPUs.
@@ -311,15 +311,8 @@ def plot_bandwidth(rows, out: Path) -> Path | None:
         pts = sorted((r["V"], r["pct_copy_bw"]) for r in ours if (r["contender"], r["K"], r["N"], r["dtype"]) == key)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} K={key[1]} N={key[2]} {key[3]}")
     ax.axhline(THRESHOLDS["pct_copy_bw"], color="k", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("V")
-    ax.set_ylabel("% of copy bandwidth (minimal bytes)")
-    ax.set_title("CE + X forward+backward")
-    ax.legend(fontsize=5)
-    fig.tight_layout()
-    path = out / "pct_copy_bw.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save_plot(fig, ax, out / "pct_copy_bw.png", xlabel="V", ylabel="% of copy bandwidth (minimal bytes)",
+                            title="CE + X forward+backward", legend_size=5)
 
 
 def write(out: Path, meta, tests, rows, target_rows, fl_rows, targets) -> None:
@@ -388,10 +381,8 @@ def run(args) -> Path:
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = base_parser(prog, __doc__, "output directory (default: benchmarks/results/<device>-<date>/)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, no pytest: checks the logic anywhere")
-    ap.add_argument("--out", help="output directory (default: benchmarks/results/<device>-<date>/)")
     ap.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     ap.add_argument("--tests-timeout-s", type=float, default=240.0, help="time limit of the GPU test subset")
     ap.add_argument("--budget-s", type=float, default=430.0,

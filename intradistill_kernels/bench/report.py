@@ -84,12 +84,21 @@ def plot(rows, out: Path) -> Path | None:
         ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
     ax.set_xticklabels([f"K={k} N={n}\nV={v} {d}" for k, n, v, d in shapes], fontsize=8)
-    ax.set_ylabel("forward+backward time (ms, log)")
     ax.set_yscale("log")
-    ax.set_title("CE + X-divergence, forward+backward")
-    ax.legend(fontsize=7)
+    return save_plot(fig, ax, out / "time_fwd_bwd.png", ylabel="forward+backward time (ms, log)",
+                     title="CE + X-divergence, forward+backward", legend_size=7)
+
+
+def save_plot(fig, ax, path: Path, *, ylabel: str, title: str, legend_size: int, xlabel: str | None = None) -> Path:
+    """Labels, legend, and the PNG written (dpi 120); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    path = out / "time_fwd_bwd.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -126,11 +126,17 @@ def run(args) -> Path:
     return out
 
 
-def parser(prog: str | None = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def base_parser(prog: str | None, description: str | None, out_help: str) -> argparse.ArgumentParser:
+    """--device and --out, shared by the benchmark runner and gpu-check."""
+    ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help=out_help)
+    return ap
+
+
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = base_parser(prog, __doc__, "output directory (default: see above)")
     ap.add_argument("--quick", action="store_true", help="a small subset (under 2 minutes on CPU)")
-    ap.add_argument("--out", help="output directory (default: see above)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
