@@ -176,6 +176,23 @@ def _store_zeros(grad_row, grad_k_offs, ks, kmask, V, grad_stride_v, BLOCK_V: tl
 
 
 @triton.jit
+def _grad_sweep(row, grad_row, ks, kmask, y, lse, stat, w_ce, w_div, w_z, V, stride_k, stride_v, grad_stride_k,
+                grad_stride_v, label_smoothing, logit_scale, softcap,
+                K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_CE: tl.constexpr, SMOOTH: tl.constexpr,
+                JS: tl.constexpr, HAS_Z: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One sweep over a token's rows writing their gradient: the exact backward's loop, and the
+    one-pass forward's second sweep (same code, so both write the same bits)."""
+    grad_k_offs = ks.to(tl.int64)[:, None] * grad_stride_k
+    for v0 in range(0, V, BLOCK_V):
+        vs = v0 + tl.arange(0, BLOCK_V)
+        t, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
+        g = _grad_tile(t, vs, y, lse, stat, w_ce, w_div, w_z, kmask, V, label_smoothing, logit_scale, softcap,
+                       K, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
+        ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
+        tl.store(ptrs, g.to(grad_row.dtype.element_ty), mask=msk)
+
+
+@triton.jit
 def _forward_kernel(
     logits_ptr, row_off_ptr, target_ptr,
     ce_ptr, div_ptr, lse_ptr, stat_ptr,
@@ -270,14 +287,9 @@ def _forward_kernel(
         stat = tl.where(kmask, stat, 0.0)
         w_ce, w_div, w_z = _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K, HAS_CE, HAS_Z)
         grad_row = grad_ptr + tl.multiple_of(tl.load(grad_row_off_ptr + n), ALIGN)
-        grad_k_offs = ks.to(tl.int64)[:, None] * grad_stride_k
-        for v0 in range(0, V, BLOCK_V):
-            vs = v0 + tl.arange(0, BLOCK_V)
-            t, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
-            g = _grad_tile(t, vs, y, lse, stat, w_ce, w_div, w_z, kmask, V, label_smoothing, logit_scale, softcap,
-                           K, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
-            ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
-            tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=msk)
+        _grad_sweep(row, grad_row, ks, kmask, y, lse, stat, w_ce, w_div, w_z, V, stride_k, stride_v, grad_stride_k,
+                    grad_stride_v, label_smoothing, logit_scale, softcap,
+                    K, BLOCK_V, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
 
 
 @triton.jit
@@ -303,10 +315,6 @@ def _backward_kernel(
     lse = tl.load(lse_ptr + stat_offs, mask=kmask, other=0.0)
     stat = tl.load(stat_ptr + stat_offs, mask=kmask, other=0.0)
     w_ce, w_div, w_z = _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K, HAS_CE, HAS_Z)
-    for v0 in range(0, V, BLOCK_V):
-        vs = v0 + tl.arange(0, BLOCK_V)
-        t, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
-        g = _grad_tile(t, vs, y, lse, stat, w_ce, w_div, w_z, kmask, V, label_smoothing, logit_scale, softcap,
-                       K, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
-        ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
-        tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=msk)
+    _grad_sweep(row, grad_row, ks, kmask, y, lse, stat, w_ce, w_div, w_z, V, stride_k, stride_v, grad_stride_k,
+                grad_stride_v, label_smoothing, logit_scale, softcap,
+                K, BLOCK_V, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
