@@ -336,10 +336,13 @@ std::pair<float, float> row_statistics(const Rows<T>& rows, const T* row, int64_
       if (smooth) {
         // Per-lane partial sums, so that the loop vectorises (one running float would not).
         const float ref = sc.ref_y[k];
+        const int64_t whole = len / LANES * LANES;
         float z_acc[LANES] = {0};
-        for (int64_t i = 0; i < padded; i += LANES)
-          for (int j = 0; j < LANES; ++j) z_acc[j] += i + j < len ? zk[i + j] - ref : 0.0f;
-        sc.zsum[k] += lane_sum(z_acc);
+        for (int64_t i = 0; i < whole; i += LANES)
+          for (int j = 0; j < LANES; ++j) z_acc[j] += zk[i + j] - ref;
+        float acc = lane_sum(z_acc);
+        for (int64_t i = whole; i < len; ++i) acc += zk[i] - ref;
+        sc.zsum[k] += acc;
       }
       sc.m[k] = m_new;
     }
