@@ -2,11 +2,11 @@
 // specification it is tested against).
 //
 // One token per task (at::parallel_for over rows). Its K rows are read a chunk of CHUNK classes
-// at a time into a float buffer, so every inner loop runs over contiguous floats in LANES-wide
-// lane arrays: GCC vectorises them at -O3 without -ffast-math (per-lane accumulators need no
-// reassociation, so results are bitwise reproducible and IEEE inf/NaN semantics are kept).
-// exp is a branch-free polynomial (fast_exp) so that it vectorises too; exp is what bounds this
-// loss on a CPU.
+// at a time (in place where they are contiguous float32, else converted into a float buffer padded
+// to LANES), so every inner loop runs over contiguous floats. The hot loops are written on
+// GCC/Clang vectors of the target's SIMD width (vfloat) with per-lane accumulators: vectorised
+// without -ffast-math, bitwise reproducible, IEEE inf/NaN semantics kept. exp is a branch-free
+// polynomial (fast_exp) on the same vectors; exp is what bounds this loss on a CPU.
 //
 // Addressing: element (k, n, v) is at data + row_off[n] + k * stride_k + v * stride_v, so any
 // strided [K, *B, V] view is read in place. Every index and stride is int64: a pass stride times K
@@ -31,7 +31,12 @@
 #include <limits>
 #include <optional>
 #include <utility>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -43,28 +48,63 @@ constexpr int64_t CHUNK = 512;
 constexpr int LANES = 16;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// exp(x) with ~1 ulp error, vectorisable: 2^n * p(r) with Cody-Waite reduction (Cephes
-// coefficients). Below -87 the result is 0 (no subnormals): nothing may decide that a class is at
-// -inf from exp(z - m) == 0, which a finite class 88 below its pass's max also gives; the X form
-// decides it on the logits themselves (deviations). NaN stays NaN.
-inline float fast_exp(float x) {
-  float xc = std::min(std::max(x, -87.0f), 88.0f);
-  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
+// The hot loops are written on GCC/Clang vectors of VW floats, one register of the target's widest
+// float SIMD (wider vectors would be split lane by lane), so they are vectorised whatever the
+// auto-vectoriser decides, and stay IEEE (no -ffast-math). VW divides LANES, the padding unit.
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#elif defined(__AVX__)
+constexpr int VW = 8;
+#else
+constexpr int VW = 4;  // SSE2, NEON
+#endif
+static_assert(LANES % VW == 0, "a vector must divide the padding unit");
+typedef float vfloat __attribute__((vector_size(VW * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(VW * sizeof(int32_t))));
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline float vsum(vfloat v) {
+  float s = 0.0f;
+  for (int j = 0; j < VW; ++j) s += v[j];
+  return s;
+}
+inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
+inline vint to_int(vfloat x) { return __builtin_convertvector(x, vint); }
+// c in every lane of F (float or vfloat).
+template <typename F>
+inline F splat(float c) {
+  return F{} + c;
+}
+
+// exp(x) with ~1 ulp error on a float or on a vfloat: 2^n * p(r) with Cody-Waite reduction
+// (Cephes coefficients); n is rounded by adding and removing 1.5·2^23, which needs no floor and
+// vectorises everywhere. Below -87 the result is 0 (no subnormals): nothing may decide that a class
+// is at -inf from exp(z - m) == 0, which a finite class 88 below its pass's max also gives; the X
+// form decides it on the logits themselves (deviations). NaN stays NaN.
+template <typename F>
+inline F fast_exp(F x) {
+  const F lo = splat<F>(-87.0f), big = splat<F>(12582912.0f);
+  const F xc = x < lo ? lo : x;
+  const F n = (xc * 1.44269504088896341f + big) - big;
+  F r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  F p = splat<F>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  float y = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
+  const F y = p * r * r + r + 1.0f;
+  const auto bits = (to_int(n) + 127) << 23;
+  F scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  float out = y * scale;
-  out = x < -87.0f ? 0.0f : out;
-  out = x > 88.7f ? std::numeric_limits<float>::infinity() : out;
+  F out = y * scale;
+  out = x < lo ? splat<F>(0.0f) : out;
   return x != x ? x : out;
 }
 
@@ -116,12 +156,32 @@ struct Rows {
   void load(const T* row, int64_t k, int64_t v0, int64_t len, int64_t padded, float* dst) const {
     const T* src = row + k * stride_k + v0 * stride_v;
     if (stride_v == 1) {
+      prefetch_ahead(src, len);
       for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<float>(src[i]);
     } else {
       for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<float>(src[i * stride_v]);
     }
     tf.apply(dst, len);
     for (int64_t i = len; i < padded; ++i) dst[i] = NEG_INF;
+  }
+  // The same classes where they are read in place: the logits themselves when they already are
+  // what load() would write (contiguous float32, no transform, a whole number of lane blocks),
+  // else load()'s copy in buf.
+  const float* view(const T* row, int64_t k, int64_t v0, int64_t len, int64_t padded, float* buf) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (stride_v == 1 && !tf.scaled && !tf.capped && len == padded) {
+        const float* src = row + k * stride_k + v0;
+        prefetch_ahead(src, len);
+        return src;
+      }
+    }
+    load(row, k, v0, len, padded, buf);
+    return buf;
+  }
+  // A chunk's sweep is short enough that the hardware prefetcher, which stops at every 4 KiB page,
+  // leaves it waiting on memory: ask for the chunk after next while this one is worked on.
+  static void prefetch_ahead(const T* src, int64_t len) {
+    for (int64_t i = 0; i < len; i += 64 / sizeof(T)) __builtin_prefetch(src + 2 * CHUNK + i);
   }
   float at(const T* row, int64_t k, int64_t v) const {
     return tf.apply(static_cast<float>(row[k * stride_k + v * stride_v]));
@@ -131,55 +191,35 @@ struct Rows {
 inline int64_t round_up(int64_t x) { return (x + LANES - 1) / LANES * LANES; }
 
 inline float lane_max(const float* x, int64_t n) {
-  float acc[LANES];
-  for (int j = 0; j < LANES; ++j) acc[j] = NEG_INF;
-  for (int64_t i = 0; i < n; i += LANES)
-    for (int j = 0; j < LANES; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+  vfloat acc = splat<vfloat>(NEG_INF);
+  for (int64_t i = 0; i < n; i += VW) {
+    const vfloat v = vload(x + i);
+    acc = v > acc ? v : acc;
+  }
   float m = NEG_INF;
-  for (int j = 0; j < LANES; ++j) m = acc[j] > m ? acc[j] : m;
+  for (int j = 0; j < VW; ++j) m = acc[j] > m ? acc[j] : m;
   return m;
 }
 
-inline float lane_sum(const float* acc) {
-  float s = 0.0f;
-  for (int j = 0; j < LANES; ++j) s += acc[j];
-  return s;
-}
-
-// z − z̄ of the n classes of a chunk of K rows (z: K rows of CHUNK floats) is formed as
-// (z − ref) − tbar with ref = max_k z and tbar = mean_k (z − ref): exact where the K logits of a
-// class are close, however large they are (z̄ itself would round at their size). ref is 0 at a class
-// at -inf in every pass, and tbar is -inf exactly where some pass is at -inf (d is NaN or ±inf
-// there: callers mask it).
-inline void deviation_refs(const float* z, int64_t K, int64_t n, float* ref, float* tbar) {
-  for (int64_t i = 0; i < n; ++i) ref[i] = z[i];
-  for (int64_t k = 1; k < K; ++k)
-    for (int64_t i = 0; i < n; ++i) ref[i] = std::max(ref[i], z[k * CHUNK + i]);
-  for (int64_t i = 0; i < n; ++i) {
-    ref[i] = ref[i] == NEG_INF ? 0.0f : ref[i];
-    tbar[i] = z[i] - ref[i];
-  }
-  for (int64_t k = 1; k < K; ++k)
-    for (int64_t i = 0; i < n; ++i) tbar[i] += z[k * CHUNK + i] - ref[i];
+// z − z̄ of the n classes (n a multiple of LANES) of a chunk of K rows (z[k]: pass k's row)
+// is formed as (z − ref) − tbar with ref = max_k z and tbar = mean_k (z − ref): exact where the K
+// logits of a class are close, however large they are (z̄ itself would round at their size). ref
+// is 0 at a class at -inf in every pass, and tbar is -inf exactly where some pass is at -inf (d is
+// NaN or ±inf there: callers mask it).
+inline void deviation_refs(const float* const* z, int64_t K, int64_t n, float* ref, float* tbar) {
   const float inv_k = 1.0f / static_cast<float>(K);
-  for (int64_t i = 0; i < n; ++i) tbar[i] *= inv_k;
-}
-
-// d_k = (z_k − ref) − tbar into d (K rows of CHUNK floats), 0 at classes at -inf in any pass.
-// Their term is 0 where every pass is at -inf; where only some are, KL(p̄ ‖ p_k) = +inf exactly,
-// which the return value reports, decided on the logits because the finite passes' exponentials
-// may underflow to 0. A NaN logit gives NaN.
-inline bool deviations(const float* z, int64_t K, int64_t n, float* ref, float* tbar, float* d) {
-  deviation_refs(z, K, n, ref, tbar);
-  int32_t partly = 0;  // an integer OR: a float max would not vectorise without -ffast-math
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t i = 0; i < n; ++i) {
-      const float zk = z[k * CHUNK + i];
-      const bool some_inf = tbar[i] == NEG_INF;
-      partly |= static_cast<int32_t>(some_inf) & static_cast<int32_t>(zk != NEG_INF);
-      d[k * CHUNK + i] = some_inf ? 0.0f : (zk - ref[i]) - tbar[i];
+  for (int64_t i = 0; i < n; i += VW) {
+    vfloat r = vload(z[0] + i);
+    for (int64_t k = 1; k < K; ++k) {
+      const vfloat zk = vload(z[k] + i);
+      r = r < zk ? zk : r;
     }
-  return partly != 0;
+    r = r == NEG_INF ? splat<vfloat>(0.0f) : r;
+    vfloat t = vload(z[0] + i) - r;
+    for (int64_t k = 1; k < K; ++k) t += vload(z[k] + i) - r;
+    vstore(ref + i, r);
+    vstore(tbar + i, t * inv_k);
+  }
 }
 
 // log(x) with ~1 ulp error for x > 0, vectorisable: x = 2^e * m with m in [sqrt(1/2), sqrt(2)),
@@ -256,33 +296,37 @@ struct GradOut {
 // The one-pass forward keeps a token's exponentials from its statistics sweep to its gradient
 // sweep, so each logit's exponential is computed once: e = exp(t − σ) with σ the pass's running
 // max when its chunk was read, and later p = e · exp(σ − m_k) / S_k with the row's final max m_k
-// (σ − m_k is a difference of two logits, exact at any offset). 1 MiB per thread keeps the K rows'
-// exponentials in L2 for LLM vocabularies at small K; larger rows recompute exp(t − lse) instead.
+// (σ − m_k is a difference of two logits, exact at any offset). The X form also keeps u = e·d_k,
+// so that its gradient sweep reads neither the logits nor an exponential (row_gradient_cached);
+// JS keeps log p̄. 1 MiB per thread holds that for K ≤ 4 at V = 32000; larger rows recompute
+// exp(t − lse) in a second sweep over the logits instead.
 constexpr int64_t kCacheBudgetFloats = (int64_t(1) << 20) / sizeof(float);
 
 inline int64_t chunks_of(int64_t V) { return (V + CHUNK - 1) / CHUNK; }
 
 inline bool row_fits_cache(int64_t K, int64_t V, bool js) {
-  return (K + (js ? 1 : 0)) * chunks_of(V) * CHUNK <= kCacheBudgetFloats;
+  return (js ? K + 1 : 2 * K) * chunks_of(V) * CHUNK <= kCacheBudgetFloats;
 }
 
 // Per-thread buffers of the row kernels.
 struct Scratch {
-  std::vector<float> z, p, lp, d, zref, tbar, pbar, lpbar, g, scratch;
-  std::vector<float> m, S, log_s, stat, lse, A, zsum, zy, ref_y;
+  std::vector<float> z, p, lp, zref, tbar, pbar, lpbar, g, scratch;
+  std::vector<float> m, S, log_s, stat, lse, A, zsum, zy, ref_y, coef_e, coef_u, coef_p;
   // One-pass cache (empty when the rows do not fit): e per [chunk][k][CHUNK], σ per [chunk][k],
   // and for JS log p̄ per [chunk][CHUNK] from the statistics' second sweep.
-  std::vector<float> e, shift, lpbar_row;
+  std::vector<float> e, u, shift, lpbar_row;
+  std::vector<const float*> zp;  // pass k's chunk: in the logits or in z
   bool cached = false;
 
   Scratch(int64_t K, int64_t V, bool js, bool cache)
-      : z(K * CHUNK), p(K * CHUNK), lp(K * CHUNK), d(K * CHUNK), zref(CHUNK), tbar(CHUNK), pbar(CHUNK), lpbar(CHUNK),
-        g(CHUNK), scratch(CHUNK), m(K), S(K), log_s(K), stat(K), lse(K), A(K), zsum(K), zy(K), ref_y(K),
+      : z(K * CHUNK), p(K * CHUNK), lp(K * CHUNK), zref(CHUNK), tbar(CHUNK), pbar(CHUNK), lpbar(CHUNK),
+        g(CHUNK), scratch(CHUNK), m(K), S(K), log_s(K), stat(K), lse(K), A(K), zsum(K), zy(K), ref_y(K), coef_e(K), coef_u(K), coef_p(K), zp(K),
         cached(cache) {
     if (cache) {
       e.resize(chunks_of(V) * K * CHUNK);
       shift.resize(chunks_of(V) * K);
       if (js) lpbar_row.resize(chunks_of(V) * CHUNK);
+      else u.resize(chunks_of(V) * K * CHUNK);
     }
   }
 };
@@ -305,42 +349,58 @@ std::pair<float, float> row_statistics(const Rows<T>& rows, const T* row, int64_
   std::fill(sc.S.begin(), sc.S.end(), 0.0f);
   std::fill(sc.A.begin(), sc.A.end(), 0.0f);
   std::fill(sc.zsum.begin(), sc.zsum.end(), 0.0f);
-  bool partly_inf = false;
+  // Where some passes of a class are at -inf and others not, KL(p̄ ‖ p_k) = +inf exactly; that is
+  // decided on the logits, because the finite passes' exponentials may underflow to 0.
+  vint partly = vint{};
   for (int64_t v0 = 0, chunk = 0; v0 < V; v0 += CHUNK, ++chunk) {
     const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
-    for (int64_t k = 0; k < K; ++k) rows.load(row, k, v0, len, padded, &z[k * CHUNK]);
-    if (!c.js) {
-      partly_inf |= deviations(z, K, padded, sc.zref.data(), sc.tbar.data(), sc.d.data());
-    }
+    for (int64_t k = 0; k < K; ++k) sc.zp[k] = rows.view(row, k, v0, len, padded, &z[k * CHUNK]);
+    if (!c.js) deviation_refs(sc.zp.data(), K, padded, sc.zref.data(), sc.tbar.data());
     for (int64_t k = 0; k < K; ++k) {
-      const float* zk = &z[k * CHUNK];
+      const float* zk = sc.zp[k];
       const float m_new = std::max(sc.m[k], lane_max(zk, padded));
       // A row at -inf so far keeps m = -inf; shifting by 0 avoids (-inf) - (-inf).
       const float shift = m_new == NEG_INF ? 0.0f : m_new;
       const float scale = fast_exp(sc.m[k] - shift);
-      float* ek = sc.cached ? &sc.e[(chunk * K + k) * CHUNK] : sc.p.data();
       if (sc.cached) sc.shift[chunk * K + k] = shift;
-      for (int64_t i = 0; i < padded; ++i) ek[i] = fast_exp(zk[i] - shift);
-      // d_k is 0 at classes at -inf in any pass, so e·d_k needs no guard; a NaN logit gives
-      // e = NaN, which reaches the result.
-      float s_acc[LANES] = {0}, a_acc[LANES] = {0};
-      for (int64_t i = 0; i < padded; i += LANES)
-        for (int j = 0; j < LANES; ++j) s_acc[j] += ek[i + j];
-      if (!c.js) {
-        const float* dk = &sc.d[k * CHUNK];
-        for (int64_t i = 0; i < padded; i += LANES)
-          for (int j = 0; j < LANES; ++j) a_acc[j] += ek[i + j] * dk[i + j];
+      vfloat s_acc = vfloat{}, a_acc = vfloat{};
+      if (c.js) {
+        float* ek = sc.cached ? &sc.e[(chunk * K + k) * CHUNK] : nullptr;
+        for (int64_t i = 0; i < padded; i += VW) {
+          const vfloat e = fast_exp(vload(zk + i) - shift);
+          if (ek) vstore(ek + i, e);
+          s_acc += e;
+        }
+      } else {
+        // d_k = (z_k − ref) − tbar, 0 at classes at -inf in any pass: their term is 0 where every
+        // pass is at -inf, and +inf (partly) where only some are. The gradient sweep of the
+        // one-pass forward needs e and u = e·d_k only, so they are what the cache keeps.
+        float* ek = sc.cached ? &sc.e[(chunk * K + k) * CHUNK] : nullptr;
+        float* uk = sc.cached ? &sc.u[(chunk * K + k) * CHUNK] : nullptr;
+        const float *ref = sc.zref.data(), *tbar = sc.tbar.data();
+        for (int64_t i = 0; i < padded; i += VW) {
+          const vfloat zv = vload(zk + i), tb = vload(tbar + i);
+          const vint some_inf = tb == NEG_INF;
+          partly |= some_inf & (zv != NEG_INF);
+          const vfloat d = some_inf ? vfloat{} : (zv - vload(ref + i)) - tb;
+          const vfloat e = fast_exp(zv - shift), u = e * d;  // a NaN logit gives e = NaN: it reaches the result
+          if (ek) {
+            vstore(ek + i, e);
+            vstore(uk + i, u);
+          }
+          s_acc += e;
+          a_acc += u;
+        }
       }
-      sc.S[k] = sc.S[k] * scale + lane_sum(s_acc);
-      if (!c.js) sc.A[k] = sc.A[k] * scale + lane_sum(a_acc);
+      sc.S[k] = sc.S[k] * scale + vsum(s_acc);
+      if (!c.js) sc.A[k] = sc.A[k] * scale + vsum(a_acc);
       if (smooth) {
-        // Per-lane partial sums, so that the loop vectorises (one running float would not).
+        // Per-lane partial sums over whole lane blocks, then the tail (the padding is -inf).
         const float ref = sc.ref_y[k];
         const int64_t whole = len / LANES * LANES;
-        float z_acc[LANES] = {0};
-        for (int64_t i = 0; i < whole; i += LANES)
-          for (int j = 0; j < LANES; ++j) z_acc[j] += zk[i + j] - ref;
-        float acc = lane_sum(z_acc);
+        vfloat z_acc = vfloat{};
+        for (int64_t i = 0; i < whole; i += VW) z_acc += vload(zk + i) - ref;
+        float acc = vsum(z_acc);
         for (int64_t i = whole; i < len; ++i) acc += zk[i] - ref;
         sc.zsum[k] += acc;
       }
@@ -370,6 +430,8 @@ std::pair<float, float> row_statistics(const Rows<T>& rows, const T* row, int64_
       }
     }
   } else {
+    bool partly_inf = false;
+    for (int j = 0; j < VW; ++j) partly_inf |= partly[j] != 0;
     const float inf_term = partly_inf ? std::numeric_limits<float>::infinity() : 0.0f;
     for (int64_t k = 0; k < K; ++k) sc.stat[k] = sc.A[k] / sc.S[k] + inf_term;
   }
@@ -391,6 +453,85 @@ template <typename T>
 void zero_row(T* grow, int64_t K, int64_t V, int64_t stride_k, int64_t stride_v) {
   for (int64_t k = 0; k < K; ++k)
     for (int64_t v = 0; v < V; ++v) grow[k * stride_k + v * stride_v] = T(0);
+}
+
+// The gradient is as large as the logits and nothing reads it before the kernel returns: streaming
+// stores write it without first reading each line into the cache (half the memory traffic of the
+// gradient sweep). x86 with AVX and float32 only; elsewhere ordinary stores.
+template <typename T>
+inline bool stream_row(const float* g, int64_t len, T* dst) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (reinterpret_cast<uintptr_t>(dst) % 32 == 0 && len % 8 == 0) {
+      for (int64_t i = 0; i < len; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(g + i));
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
+// Orders the streaming stores of this thread before the kernel returns.
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+template <typename T>
+inline void store_row(const float* g, int64_t len, T* dst, int64_t stride) {
+  if (stride == 1 && stream_row(g, len, dst)) return;
+  if (stride == 1) {
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(g[i]);
+  } else {
+    for (int64_t i = 0; i < len; ++i) dst[i * stride] = static_cast<T>(g[i]);
+  }
+}
+
+// The gradient sweep of the one-pass forward in the X form, right after row_statistics kept
+// e = exp(t − σ) and u = e·d_k per class: with c_k = exp(σ − m_k) / S_k, p_k = c_k·e and
+// p_k·d_k = c_k·u, so (every weight divided by K)
+//   g_k = c_k·[w_div·u + (w_div·(1 − s_k) + w_ce + 2·w_z·lse_k)·e] − w_div·p̄ − w_ce·(ε/V + (1 − ε)·onehot(y))
+// needs neither an exponential nor the logits, which are read again only for softcap's chain rule.
+// The logits may be overwritten: this sweep reads none of them before writing.
+template <typename T>
+void row_gradient_cached(const Rows<T>& rows, const T* row, int64_t y, const Config& c, float w_ce, float w_div,
+                         float w_z, T* grow, int64_t gstride_k, int64_t gstride_v, Scratch& sc) {
+  const int64_t K = c.K, V = c.V;
+  const float inv_k = 1.0f / static_cast<float>(K);
+  const float g_div = w_div * inv_k;
+  const float g_ce = c.has_ce ? w_ce * inv_k : 0.0f;
+  const float g_z = w_z * inv_k;
+  const float offset = c.has_ce ? g_ce * c.eps / static_cast<float>(V) : 0.0f;
+  float *z = sc.z.data(), *g = sc.g.data(), *pbar = sc.pbar.data();
+  for (int64_t v0 = 0, chunk = 0; v0 < V; v0 += CHUNK, ++chunk) {
+    const int64_t len = std::min(CHUNK, V - v0), padded = round_up(len);
+    for (int64_t k = 0; k < K; ++k) {
+      const float ck = fast_exp(sc.shift[chunk * K + k] - sc.m[k]) / sc.S[k];
+      const float z_term = g_z != 0.0f ? 2.0f * g_z * sc.lse[k] : 0.0f;
+      sc.coef_e[k] = ck * (g_div * (1.0f - sc.stat[k]) + g_ce + z_term);
+      sc.coef_u[k] = ck * g_div;
+      sc.coef_p[k] = ck * g_div * inv_k;
+    }
+    const float* e = &sc.e[chunk * K * CHUNK];
+    const float* u = &sc.u[chunk * K * CHUNK];
+    for (int64_t i = 0; i < padded; i += VW) {
+      vfloat pb = sc.coef_p[0] * vload(e + i);
+      for (int64_t k = 1; k < K; ++k) pb += sc.coef_p[k] * vload(e + k * CHUNK + i);
+      vstore(pbar + i, pb + offset);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float cu = sc.coef_u[k], ce = sc.coef_e[k];
+      const float *ek = e + k * CHUNK, *uk = u + k * CHUNK;
+      for (int64_t i = 0; i < padded; i += VW)
+        vstore(g + i, cu * vload(uk + i) + ce * vload(ek + i) - vload(pbar + i));
+      if (c.has_ce && y >= v0 && y < v0 + len) g[y - v0] -= g_ce * (1.0f - c.eps);
+      float* zk = &z[k * CHUNK];
+      if (rows.tf.capped) rows.load(row, k, v0, len, padded, zk);
+      rows.tf.chain(zk, g, len);
+      store_row(g, len, grow + k * gstride_k + v0 * gstride_v, gstride_v);
+    }
+  }
 }
 
 // The gradient of one active row (kernel_spec §2), from its lse_k and stat_k. With sc.cached (the
@@ -420,7 +561,7 @@ void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c,
         for (int64_t i = 0; i < padded; ++i) pk[i] = ek[i] * to_p;
       } else {
         const float l = lse[k];
-        for (int64_t i = 0; i < padded; ++i) pk[i] = fast_exp(zk[i] - l);
+        for (int64_t i = 0; i < padded; i += VW) vstore(pk + i, fast_exp(vload(zk + i) - l));
       }
     }
     const float* lpbar = sc.lpbar.data();
@@ -441,7 +582,8 @@ void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c,
         log_mean_prob(lp, K, len, sc.scratch.data(), sc.lpbar.data());
       }
     } else {
-      deviation_refs(z, K, padded, sc.zref.data(), sc.tbar.data());
+      for (int64_t k = 0; k < K; ++k) sc.zp[k] = &z[k * CHUNK];
+      deviation_refs(sc.zp.data(), K, padded, sc.zref.data(), sc.tbar.data());
       for (int64_t i = 0; i < padded; ++i) sc.pbar[i] = 0.0f;
       for (int64_t k = 0; k < K; ++k)
         for (int64_t i = 0; i < padded; ++i) sc.pbar[i] += p[k * CHUNK + i];
@@ -470,12 +612,7 @@ void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c,
         for (int64_t i = 0; i < len; ++i) g[i] += p_coef * pk[i] - offset;
       if (c.has_ce && y >= v0 && y < v0 + len) g[y - v0] -= g_ce * (1.0f - c.eps);
       rows.tf.chain(zk, g, len);
-      T* dst = grow + k * gstride_k + v0 * gstride_v;
-      if (gstride_v == 1) {
-        for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(g[i]);
-      } else {
-        for (int64_t i = 0; i < len; ++i) dst[i * gstride_v] = static_cast<T>(g[i]);
-      }
+      store_row(g, len, grow + k * gstride_k + v0 * gstride_v, gstride_v);
     }
   }
 }
@@ -506,10 +643,16 @@ void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* ta
         lse_out[k * N + n] = sc.lse[k];
         stat_out[k * N + n] = sc.stat[k];
       }
-      if (out)
-        row_gradient(rows, row, y, c, sc.lse.data(), sc.stat.data(), w->ce[n], w->div[n], w->z ? w->z[n] : 0.0f,
-                     out->data + out->row_off[n], out->stride_k, out->stride_v, sc);
+      if (!out) continue;
+      T* grow = out->data + out->row_off[n];
+      const float w_z = w->z ? w->z[n] : 0.0f;
+      if (cache && !c.js)
+        row_gradient_cached(rows, row, y, c, w->ce[n], w->div[n], w_z, grow, out->stride_k, out->stride_v, sc);
+      else
+        row_gradient(rows, row, y, c, sc.lse.data(), sc.stat.data(), w->ce[n], w->div[n], w_z, grow, out->stride_k,
+                     out->stride_v, sc);
     }
+    stream_fence();
   });
 }
 
@@ -534,6 +677,7 @@ void backward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* t
       row_gradient(rows, rows.data + row_off[n], y, c, lse_n.data(), stat_n.data(), w.ce[n], w.div[n],
                    w.z ? w.z[n] : 0.0f, grow, out.stride_k, out.stride_v, sc);
     }
+    stream_fence();
   });
 }
 
