@@ -90,8 +90,11 @@ def mode_callables(fn, logits, target, mode):
 
 
 def minimal_bytes(k, n, v, elt, mode) -> int:
+    """Bytes any kernel must move (docs/design.md §2.1): the logits read once, and for a gradient
+    the gradient written once; forward+backward is one read and one write, what the one-pass
+    forward moves."""
     per = k * n * v * elt
-    return {"forward": per, "backward": 2 * per, "forward+backward": 3 * per}[mode]
+    return {"forward": per, "backward": 2 * per, "forward+backward": 2 * per}[mode]
 
 
 def cpu_floor_ms(logits, reps) -> dict:
