@@ -23,7 +23,7 @@ from .._progress import progress_bar
 from . import contenders as C
 from . import report
 from .grid import Grid, grid_for
-from .measure import check, copy_bandwidth, cpu_floor_ms, make_inputs, minimal_bytes, mode_callables, time_ms
+from .measure import CpuFloor, check, copy_bandwidth, make_inputs, minimal_bytes, mode_callables, time_ms
 from .memory import peak_extra_bytes
 
 
@@ -33,14 +33,18 @@ def run_metadata(device: str, quick: bool) -> dict:
             "backends": idk.available_backends(), "quick": bool(quick)}
 
 
-def _mode_ms(times: dict, fn, logits, target, mode, grid: Grid, device) -> float:
+def _mode_ms(times: dict, fn, logits, target, mode, grid: Grid, device, floor: CpuFloor | None) -> float:
     """Time of `mode`, cached in `times` across the modes of one case. The backward is the
     forward+backward time less the forward's: a fused loss may compute its gradient during the
-    forward (then the backward only scales it, in place, and cannot be replayed on its own)."""
+    forward (then the backward only scales it, in place, and cannot be replayed on its own).
+    On CPU, forward+backward is timed alternately with the floor, whose ratio lands in `times`."""
     if mode not in times:
         if mode == "backward":
-            both = _mode_ms(times, fn, logits, target, "forward+backward", grid, device)
-            times[mode] = max(both - _mode_ms(times, fn, logits, target, "forward", grid, device), 1e-6)
+            both = _mode_ms(times, fn, logits, target, "forward+backward", grid, device, floor)
+            times[mode] = max(both - _mode_ms(times, fn, logits, target, "forward", grid, device, floor), 1e-6)
+        elif mode == "forward+backward" and floor is not None:
+            callable_ = mode_callables(fn, logits, target, mode)
+            times[mode], times["floor_ms"], times["x_floor"] = floor.paired(callable_, grid.reps)
         else:
             times[mode] = time_ms(mode_callables(fn, logits, target, mode), device, grid.reps)
     return times[mode]
@@ -50,11 +54,11 @@ def _time_case(row, name, fn, logits, target, mode, grid: Grid, device, bandwidt
                times: dict) -> None:
     """Fills `row` with the time, bandwidth, floor ratio and peak memory of one correct case."""
     k, n, v = logits.shape[0], row["N"], row["V"]
-    ms = _mode_ms(times, fn, logits, target, mode, grid, device)
+    ms = _mode_ms(times, fn, logits, target, mode, grid, device, floor)
     nbytes = minimal_bytes(k, n, v, logits.element_size(), mode)
     row.update(ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, pct_copy_bw=100 * nbytes / (ms * 1e-3) / bandwidth)
-    if floor and mode == "forward+backward":
-        row.update(floor_ms=floor["floor_ms"], x_floor=ms / floor["floor_ms"])
+    if floor is not None and mode == "forward+backward":
+        row.update(floor_ms=times["floor_ms"], x_floor=times["x_floor"])
     if mode == "forward+backward" and row["loss"] != "x" and with_memory:
         extra = peak_extra_bytes(name, k, n, v, logits.dtype, device, fn, logits, target)
         row["peak_extra_mb"] = None if extra is None else extra / 2**20
@@ -70,7 +74,7 @@ def measure_shape(k, n, v, dtype, grid: Grid, device: str, *, with_compile=True,
     except torch.OutOfMemoryError:
         return [{"K": k, "N": n, "V": v, "dtype": str(dtype), "skipped": "out of memory for the inputs"}]
     bandwidth = bandwidth or copy_bandwidth(logits, device, grid.reps)
-    floor = cpu_floor_ms(logits, grid.reps) if device == "cpu" else None
+    floor = CpuFloor(logits) if device == "cpu" else None
     # Each shape, loss and grad mode is a new graph for torch.compile; past its cache limit (8)
     # it silently falls back to eager, which would time the compiler contender as eager.
     torch._dynamo.reset()
