@@ -22,7 +22,7 @@ $(STAMP):
 
 install: $(STAMP)
 
-# The few-label fine-tuning regime where the baseline overfits (the method's use case), 2 seeds.
+# The few-label fine-tuning regime where the baseline overfits (the method's use case), 3 seeds.
 demo: $(STAMP)
 	$(PY) -m examples.demo.run --out runs/demo
 

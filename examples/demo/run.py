@@ -37,7 +37,7 @@ TASK_NAMES = {"sst5": "five-class sentiment", "sst2": "binary sentiment"}
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--seeds", default="1,2", help="comma-separated training seeds (data splits do not change)")
+    ap.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (data splits do not change)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="runs trained at the same time, each in its own process")
     ap.add_argument("--threads", type=int, default=None,
