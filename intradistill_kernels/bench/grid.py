@@ -30,6 +30,8 @@ class Grid:
     modes: tuple[str, ...]
     losses: tuple[str, ...]
     reps: int  # timed repetitions on CPU (the GPU timer picks its own)
+    # CPU: fast contenders get more repetitions, up to about this many seconds each
+    pair_seconds: float = 2.0
 
     def jobs(self) -> list[tuple[tuple[int, int, int], torch.dtype]]:
         """(shape, dtype) pairs in the order they are measured: each one gets fresh inputs."""
@@ -38,7 +40,7 @@ class Grid:
 
 def grid_for(device: str, quick: bool = False, reps: int = 5) -> Grid:
     if quick:
-        return Grid(QUICK_SHAPES, [torch.float32], ("forward+backward",), ("ce+x",), 3)
+        return Grid(QUICK_SHAPES, [torch.float32], ("forward+backward",), ("ce+x",), 3, pair_seconds=0.0)
     if device == "cuda":
         return Grid(GPU_SHAPES, [torch.bfloat16, torch.float32], MODES, LOSSES, reps)
     return Grid(CPU_SHAPES, [torch.float32], MODES, LOSSES, reps)
@@ -47,4 +49,4 @@ def grid_for(device: str, quick: bool = False, reps: int = 5) -> Grid:
 def gpu_check_grid(dry_run: bool = False) -> Grid:
     """bf16 and fp32, forward, backward and forward+backward, CE + X and X alone."""
     return Grid(DRY_RUN_SHAPES if dry_run else GPU_CHECK_SHAPES, [torch.bfloat16, torch.float32], MODES, LOSSES,
-                1 if dry_run else 5)
+                1 if dry_run else 5, pair_seconds=0.0 if dry_run else 2.0)

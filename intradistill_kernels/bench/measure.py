@@ -114,15 +114,16 @@ class CpuFloor:
         exp = time.perf_counter() - t
         return 1e3 * max(1.5 * copy, 2 * exp)
 
-    def paired(self, fn, reps: int) -> tuple[float, float, float]:
+    def paired(self, fn, reps: int, seconds: float) -> tuple[float, float, float]:
         """(median ms of fn, median floor ms, median of their per-repetition ratios), fn and the
         floor timed alternately: on a shared machine the ratio of neighbouring measurements
-        drifts far less than either time. Fast contenders get more repetitions (~2 s in all)."""
+        drifts far less than either time. Fast contenders get more repetitions (up to 31, about
+        `seconds` of fn in all)."""
         fn()
         t = time.perf_counter()
         fn()
         first = time.perf_counter() - t
-        reps = max(reps, min(31, int(2.0 / max(first, 1e-6))))
+        reps = max(reps, min(31, int(seconds / max(first, 1e-6))))
         times, floors = [], []
         for _ in range(reps):
             t = time.perf_counter()

@@ -44,7 +44,7 @@ def _mode_ms(times: dict, fn, logits, target, mode, grid: Grid, device, floor: C
             times[mode] = max(both - _mode_ms(times, fn, logits, target, "forward", grid, device, floor), 1e-6)
         elif mode == "forward+backward" and floor is not None:
             callable_ = mode_callables(fn, logits, target, mode)
-            times[mode], times["floor_ms"], times["x_floor"] = floor.paired(callable_, grid.reps)
+            times[mode], times["floor_ms"], times["x_floor"] = floor.paired(callable_, grid.reps, grid.pair_seconds)
         else:
             times[mode] = time_ms(mode_callables(fn, logits, target, mode), device, grid.reps)
     return times[mode]
