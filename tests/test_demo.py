@@ -103,8 +103,16 @@ def test_sst5_bands_and_fixed_splits():
 
 
 @pytest.mark.parametrize("bad,name", [(["--train-size", "0"], "train_size"), (["--task", "cola"], "task"),
-                                      (["--passes", "1"], "passes"), (["--seeds", "1,1"], "seeds")])
+                                      (["--passes", "1"], "passes"), (["--seeds", "1,1"], "seeds"),
+                                      (["--dropout", "1"], "dropout")])
 def test_bad_options_name_the_option(bad, name, capsys):
     with pytest.raises(SystemExit):
         run.parse_args(bad)
     assert name in capsys.readouterr().err
+
+
+def test_dropout_option_sets_every_dropout_of_the_model():
+    model = sentiment.load_model(2, layers=1, dropout=0.3)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.3} and model.config.attention_probs_dropout_prob == 0.3
+    assert {m.p for m in sentiment.load_model(2, layers=1).modules() if isinstance(m, torch.nn.Dropout)} == {0.1}

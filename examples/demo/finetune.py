@@ -36,6 +36,7 @@ class Regime:
     valid_size: int = 200
     test_size: int = 1000
     layers: int | None = 3  # the first 3 of the 6 pretrained layers: half the cost per step
+    dropout: float = 0.1  # hidden, attention and head dropout; 0.1 is the model's own
     max_length: int = 48  # tokens; longer than all but a few snippets
     batch_size: int = 16
     lr: float = 2e-4
@@ -55,6 +56,8 @@ class Regime:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.passes < 2:
             raise ValueError(f"passes must be >= 2 (K passes for intra-distillation), got {self.passes}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.epochs > 0 or not self.lr > 0 or self.alpha < 0:
             raise ValueError(f"epochs and lr must be > 0 and alpha >= 0, got {self.epochs}, {self.lr}, {self.alpha}")
         return self
@@ -151,7 +154,7 @@ def run(method: str, seed: int, regime: Regime, data: dict, *, device="cpu", pro
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = sentiment.load_model(data["num_labels"], regime.layers).to(device)
+    model = sentiment.load_model(data["num_labels"], regime.layers, regime.dropout).to(device)
     model.train()
     opt = torch.optim.Adamax(model.parameters(), lr=regime.lr)
     total = regime.steps

@@ -202,7 +202,7 @@ def sensitivity_lines(results: list[dict], data: dict, regime, out: Path, device
     for r in results:
         if "checkpoint" not in r:
             continue
-        model = sentiment.load_model(data["num_labels"], regime.layers).to(device)
+        model = sentiment.load_model(data["num_labels"], regime.layers, regime.dropout).to(device)
         model.load_state_dict(torch.load(r["checkpoint"], map_location=device))
         s = sensitivity.parameter_sensitivity(model, loss_fn, batches, progress=False)
         sens[r["method"]] = s

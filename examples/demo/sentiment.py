@@ -96,14 +96,17 @@ class MeanPooledClassifier(torch.nn.Module):
         return SimpleNamespace(logits=self.classifier(self.dropout(pooled)))
 
 
-def load_model(num_labels: int, layers: int | None = None) -> MeanPooledClassifier:
+def load_model(num_labels: int, layers: int | None = None, dropout: float | None = None) -> MeanPooledClassifier:
     """all-MiniLM-L6-v2 with a fresh classification head on its mean-pooled states; `layers`
-    keeps only the first N pretrained encoder layers (a cheaper model that is still pretrained)."""
+    keeps only the first N pretrained encoder layers (a cheaper model that is still pretrained);
+    `dropout` replaces the model's own hidden and attention dropout (0.1), the head's included."""
     import transformers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = minilm_path()
     overrides = {} if layers is None else {"num_hidden_layers": layers}
+    if dropout is not None:
+        overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     config = transformers.AutoConfig.from_pretrained(path, **overrides)
     hf_logging = transformers.utils.logging
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()

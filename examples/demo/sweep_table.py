@@ -44,7 +44,7 @@ def row(name: str, runs: list[dict]) -> str | None:
               for b, i in zip(pick["baseline"], pick["intra-distillation"])]
     paired_final = [i["final"]["test_accuracy"] - b["final"]["test_accuracy"]
                     for b, i in zip(pick["baseline"], pick["intra-distillation"])]
-    cells = [name, g["task"], str(g["train_size"]), str(g["layers"] or 6), f"{g['epochs']:g}",
+    cells = [name, g["task"], str(g["train_size"]), str(g["layers"] or 6), f"{by['baseline'][0]['dropout']:g}", f"{g['epochs']:g}",
              str(pick["baseline"][0]["steps"]), f"{g['lr']:g}", f"{g['alpha']:g}", str(g["passes"]), str(len(seeds)),
              f"{sum(overfits(r) for r in pick['baseline'])}/{len(seeds)}"]
     for m in by:
@@ -54,7 +54,7 @@ def row(name: str, runs: list[dict]) -> str | None:
     return "| " + " | ".join(cells) + " |"
 
 
-HEADER = ("| run | task | train | layers | epochs | steps | lr | alpha | K | seeds | baseline overfits | "
+HEADER = ("| run | task | train | layers | dropout | epochs | steps | lr | alpha | K | seeds | baseline overfits | "
           "baseline acc, best ckpt | baseline acc, final | intra-dist. acc, best ckpt | intra-dist. acc, final | "
           "difference, best ckpt | difference, final |")
 
