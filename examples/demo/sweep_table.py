@@ -47,6 +47,9 @@ def row(name: str, runs: list[dict]) -> str | None:
     cells = [name, g["task"], str(g["train_size"]), str(g["layers"] or 6), f"{by['baseline'][0]['dropout']:g}", f"{g['epochs']:g}",
              str(pick["baseline"][0]["steps"]), f"{g['lr']:g}", f"{g['alpha']:g}", str(g["passes"]), str(len(seeds)),
              f"{sum(overfits(r) for r in pick['baseline'])}/{len(seeds)}"]
+    # Validation first: the regime is chosen on these; the test columns only report.
+    cells += [" / ".join(f"{statistics.mean(r['best']['valid_loss'] for r in pick[m]):.3f}" for m in by),
+              " / ".join(f"{100 * statistics.mean(r['history'][-1]['valid_accuracy'] for r in pick[m]):.1f}" for m in by)]
     for m in by:
         cells += [_mean_sd([r["best"]["test_accuracy"] for r in pick[m]]),
                   _mean_sd([r["final"]["test_accuracy"] for r in pick[m]])]
@@ -55,6 +58,7 @@ def row(name: str, runs: list[dict]) -> str | None:
 
 
 HEADER = ("| run | task | train | layers | dropout | epochs | steps | lr | alpha | K | seeds | baseline overfits | "
+          "valid loss, best ckpt (baseline / intra-dist.) | valid acc, final (baseline / intra-dist.) | "
           "baseline acc, best ckpt | baseline acc, final | intra-dist. acc, best ckpt | intra-dist. acc, final | "
           "difference, best ckpt | difference, final |")
 
