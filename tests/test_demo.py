@@ -38,7 +38,7 @@ def test_demo_trains_both_methods_and_writes_table_and_plot(tmp_path, capsys):
     by = {r["method"]: r for r in summary["runs"]}
     cells = sweep_table.row("tiny", sweep_table.load_runs(tmp_path)).strip("| ").split(" | ")
     assert len(cells) == sweep_table.HEADER.count("|") - 1
-    assert cells[:5] == ["tiny", "sst2", "12", "1", "0.1"]
+    assert cells[:5] == ["tiny", "sst2", "12", "1", f"{finetune.Regime().dropout:g}"]
     diff = 100 * (by["intra-distillation"]["final"]["test_accuracy"] - by["baseline"]["final"]["test_accuracy"])
     assert cells[-1] == f"{diff:.1f}"
     assert cells[12] == f"{by['baseline']['best']['valid_loss']:.3f} / {by['intra-distillation']['best']['valid_loss']:.3f}"

@@ -29,21 +29,25 @@ METHODS = ("baseline", "intra-distillation")
 
 @dataclass
 class Regime:
-    """What both methods share. alpha, p, q and K are the paper's GLUE settings for SST-2 and
-    the optimiser its GLUE fine-tuning optimiser (Adamax, lr 2e-4; batch 16 here)."""
+    """What both methods share, chosen by the validation loss of the regimes in
+    examples/demo/README.md. alpha, p and q are the paper's translation settings (alpha 5, reached
+    by the adaptive schedule of Eq. 11-12 with p = 5, q = 10), K its 3, and the optimiser its GLUE
+    fine-tuning optimiser (Adamax, lr 2e-4; batch 16 here). Dropout 0.3 for both methods: at the
+    model's own 0.1 the K predictions of a binary classifier barely differ (X-divergence ~0.003)
+    and the term had no measurable effect at any alpha tried."""
     task: str = "sst2"
     train_size: int = 240
     valid_size: int = 200
     test_size: int = 1000
     layers: int | None = 3  # the first 3 of the 6 pretrained layers: half the cost per step
-    dropout: float = 0.1  # hidden, attention and head dropout; 0.1 is the model's own
+    dropout: float = 0.3  # hidden, attention and head dropout (the model's own is 0.1)
     max_length: int = 48  # tokens; longer than all but a few snippets
     batch_size: int = 16
     lr: float = 2e-4
     epochs: float = 8.0
     eval_every: int = 15  # once an epoch at 240 examples
     passes: int = 3
-    alpha: float = 0.5
+    alpha: float = 5.0
     p: float = 5.0
     q: float = 10.0
 
