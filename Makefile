@@ -59,7 +59,7 @@ gpu-check:
 	  $(GPU_PY) -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --upgrade \
 	    --target $(GPU_SITE) $(GPU_WHEELS)/*.whl || echo "gpu-check: optional wheels not installed: contenders skipped"; \
 	else echo "gpu-check: no $(GPU_WHEELS) (make gpu-wheels): Liger-Kernel and cut-cross-entropy skipped"; fi
-	PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_SITE) $(GPU_PY) -m intradistill_kernels.bench.gpu_check $(GPU_CHECK_ARGS)
+	PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_SITE) $(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 # Pure-Python wheels (their only requirements, torch and triton, are on the GPU machine) for its
 # Python 3.12 on x86-64.

@@ -7,8 +7,8 @@ benchmarks.run) is what writes the committed tables; this suite is for interacti
 import pytest
 import torch
 
-from intradistill_kernels.bench import contenders as C
-from intradistill_kernels.bench import measure as R
+from benchmarks import contenders as C
+from benchmarks import measure as R
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(3, 8192, 32000), (3, 8192, 128256), (2, 8192, 32000)] if DEVICE == "cuda" else [(3, 128, 8000), (2, 128, 8000)]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from intradistill_kernels.bench import gpu_check
-from intradistill_kernels.bench.grid import DRY_RUN_SHAPES, GPU_CHECK_SHAPES, gpu_check_grid
+from benchmarks import gpu_check
+from benchmarks.grid import DRY_RUN_SHAPES, GPU_CHECK_SHAPES, gpu_check_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_targets_are_judged_and_missing_figures_are_not_met():
 @pytest.mark.filterwarnings("ignore")
 def test_dry_run_writes_results(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-m", "intradistill_kernels.bench.gpu_check", "--device", "cpu", "--dry-run",
+    run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--dry-run",
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())

@@ -149,6 +149,8 @@ def test_sdist_and_wheel_carry_the_sources_and_install_without_torch_at_build_ti
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     assert {f"intradistill_kernels/csrc/{f}" for f in CSRC_FILES} <= set(names)
     assert not [n for n in names if n.endswith((".so", ".pyd")) or n.endswith(extension_spec.AOT_INFO)]
+    # The wheel is the library: the benchmark runner and the GPU check stay in the repository.
+    assert not [n for n in names if "bench" in n or "gpu_check" in n], names
 
     python = _install_in_fresh_venv(wheel, tmp_path / "venv")
     seed = int(torch.randint(0, 2**31, ()))

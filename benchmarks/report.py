@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-# present in a source checkout, absent where the package is installed from a wheel
-CHECKOUT_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+CHECKOUT_BENCHMARKS = Path(__file__).resolve().parent
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 

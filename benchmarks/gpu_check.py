@@ -1,7 +1,7 @@
 """`make gpu-check`: what a lent GPU must prove, in one command and a few minutes.
 
-    python -m intradistill_kernels.bench.gpu_check                  # on a GPU machine
-    python -m intradistill_kernels.bench.gpu_check --device cpu --dry-run --out DIR
+    python -m benchmarks.gpu_check                  # on a GPU machine
+    python -m benchmarks.gpu_check --device cpu --dry-run --out DIR
 
 1. The GPU test subset (every loss test on cuda tensors with compiled Triton and the CUDA kernel,
    no host syncs, CUDA graphs, two GPUs where present), run with pytest; its summary is kept.
@@ -395,4 +395,4 @@ def main(argv=None, *, prog: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(prog="python -m intradistill_kernels.bench.gpu_check")
+    main(prog="python -m benchmarks.gpu_check")

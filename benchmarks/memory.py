@@ -17,7 +17,7 @@ PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 _CONTENDER_PROBE = r"""
 import gc, json, torch
-from intradistill_kernels.bench import contenders as C, measure as M, memory as R
+from benchmarks import contenders as C, measure as M, memory as R
 k, n, v, dtype, name = {k}, {n}, {v}, getattr(torch, {dtype!r}), {name!r}
 fn = dict((key, f) for key, (f, _) in C.contenders("cpu", k, with_compile=False).items())[name]
 small = M.make_inputs(k, 8, 64, dtype, "cpu")

@@ -1,3 +1,0 @@
-from .run import main
-
-main(prog="python -m intradistill_kernels.bench")
