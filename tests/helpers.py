@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 from dataclasses import dataclass
 from unittest import mock
 
@@ -159,3 +160,10 @@ def parse_ptxas_verbose(text: str) -> list[dict]:
             out.append({"name": name, "registers": int(regs.group(1)), "stack": int(spill.group(1)),
                         "spill_stores": int(spill.group(2)), "spill_loads": int(spill.group(3))})
     return out
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (for a process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import intradistill_kernels as idk
+from helpers import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -22,12 +22,6 @@ CASES = [  # (divergence, label_smoothing, shard sizes: uneven, -inf column on o
     ("x", 0.1, [5, 11, 20, 3]),
     ("js", 0.0, [12, 1, 30, 7]),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fused_backend() -> str:
@@ -80,7 +74,7 @@ def _vp_worker(rank, world, port, out_dir):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_matches_unsharded(world, tmp_path):
-    mp.spawn(_vp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_vp_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     checked = 0
     for entries in zip(*per_rank):
@@ -148,7 +142,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 
 def test_ddp_step_matches_single_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model, x, y, offsets = _model_and_batch()
     _id_loss(model, x, y, offsets).backward()
     for r in range(2):

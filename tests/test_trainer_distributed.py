@@ -3,23 +3,17 @@ batch; and the guard against a sharded (DTensor) output weight."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 WORLD, K = 2, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup():
@@ -74,7 +68,7 @@ def _worker(rank, port, out_dir):
 
 
 def test_ddp_step_equals_single_process_and_sharded_weight_is_refused(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     _args, _llama, _perturb_passes, _, _update = _setup()
     model = _llama(seed=1)
     _perturb_passes(model, K)
