@@ -9,7 +9,7 @@ from .functional import (
     js_divergence,
     x_divergence,
 )
-from .modules import FusedLinearIntraDistillationLoss, IntraDistillationLoss, XDivergenceLoss
+from .modules import FusedLinearIntraDistillationLoss, IntraDistillationLoss, JSDivergenceLoss, XDivergenceLoss
 from ._doctor import doctor
 from .schedule import AdaptiveAlpha
 
@@ -17,6 +17,6 @@ __all__ = [
     "x_divergence", "js_divergence", "intra_distillation_loss", "consistency_mse",
     "XDivergenceLoss", "IntraDistillationLoss", "AdaptiveAlpha", "available_backends",
     "IntraDistillationOutput", "fused_linear_intra_distillation_loss", "FusedLinearIntraDistillationLoss",
-    "doctor",
+    "doctor", "JSDivergenceLoss",
 ]
 __version__ = "0.1.0"

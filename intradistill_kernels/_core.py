@@ -1,24 +1,28 @@
-"""The internal layer under the public functions and ops/: argument checks, backend choice,
-reductions and the output type. Everything the loss entry points share is defined here once;
-nothing here imports the public layer.
+"""The one internal layer under the public functions: argument checks, the LossSpec they build,
+backend choice, the coefficients and the output assembly. Every entry point (the logits loss,
+the divergence functions, fused-linear, the vocabulary-parallel losses, the modules) checks its
+arguments here, builds one spec, and runs `logits_loss` or `linear_loss`; nothing here imports
+the public layer.
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from .ops import backend_available, backend_impl, unavailable_reason
+from .ops import registry
+from .ops.linear_loss import LinearLoss
+from .ops.logits_loss import LogitsLoss
+from .ops.checks import BOUNDS, checked_scalar
+from .ops.eager import compute_dtype
+from .ops.spec import DIVERGENCES, REDUCTIONS, LossSpec
 
 Tensor = torch.Tensor
 
-BACKENDS = ("triton", "cuda", "cpu", "torch")
-REDUCTIONS = ("mean", "sum", "none")
-DIVERGENCES = ("x", "js", "jeffrey")
+BACKENDS = registry.NAMES
 PLAIN_DIVERGENCES = ("x", "js")  # those with a function of their own (jeffrey is K/(K-1)·X)
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -43,24 +47,12 @@ class IntraDistillationOutput(_OutputFields):
         return (*self, self.z_loss)
 
 
-def jeffrey_factor(k) -> float:
-    """"jeffrey" (mean over pairs of the symmetric KL / 2) = K/(K-1) * X, exactly (docs/design.md §1)."""
-    return k / (k - 1)
-
-
 def available_backends() -> list[str]:
     """Backends usable in this process, fastest first; "torch" is always there."""
-    return [b for b in BACKENDS if backend_available(b)]
+    return registry.available_names()
 
 
 # ----------------------------------------------------------------------------- argument checks
-
-def host_reads_are_free(device) -> bool:
-    """Whether a value may be read on the host here. On an accelerator, reading a device tensor
-    (bool(), .item(), nonzero) waits for the stream and breaks CUDA-graph capture, so the checks
-    run on the device instead (torch._assert_async) and shapes never depend on values."""
-    return torch.device(device).type == "cpu" and not torch.compiler.is_compiling()
-
 
 def check_choice(name: str, value, choices) -> None:
     if not isinstance(value, str) or value not in choices:
@@ -102,6 +94,20 @@ def check_tensor_arg(name: str, t, device, *, floating: bool = True) -> Tensor:
     return t
 
 
+def check_output_layer(hidden: Tensor, weight, bias, name: str = "weight") -> int:
+    """V of an output layer weight [V, H] (and bias [V]) applied to hidden [K, *B, H]."""
+    hdim = hidden.shape[-1]
+    check_tensor_arg(name, weight, hidden.device)
+    if bias is not None:
+        check_tensor_arg("bias", bias, hidden.device)
+    if weight.dim() != 2 or weight.shape[1] != hdim or weight.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [V, H] with H = {hdim} (hidden's last dim) and V >= 1, got {list(weight.shape)}")
+    v = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape [V] = [{v}], got {list(bias.shape)}")
+    return v
+
+
 def check_mask(mask, batch_shape, device) -> Tensor:
     """The kept rows as a bool vector [N]."""
     n = 1
@@ -120,8 +126,9 @@ def check_mask(mask, batch_shape, device) -> Tensor:
     return mask.reshape(-1)
 
 
-def check_target(target, batch_shape, v: int, ignore_index: int, device) -> tuple[Tensor, Tensor]:
-    """Flat int64 targets [N] and the bool vector of rows that are not ignore_index."""
+def check_target(target, batch_shape, ignore_index: int, device) -> tuple[Tensor, Tensor]:
+    """Flat int64 targets [N] and the bool vector of rows that are not ignore_index. Their values
+    are checked inside the ops (ops/targets.py), where they can be read."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be an integer torch.Tensor of shape {list(batch_shape)}, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -132,80 +139,66 @@ def check_target(target, batch_shape, v: int, ignore_index: int, device) -> tupl
         raise ValueError(f"target is on {target.device} but logits are on {device}")
     check_int("ignore_index", ignore_index, INT64_MIN, INT64_MAX)
     target = target.reshape(-1).long()
-    active = target != ignore_index
-    bad = active & ((target < 0) | (target >= v))
-    message = f"target values must lie in [0, {v}) or equal ignore_index={ignore_index}"
-    if not host_reads_are_free(target.device):
-        torch._assert_async(~bad.any(), message)  # fails at the next synchronising call
-    elif bool(bad.any()):
-        raise ValueError(f"{message}; found {int(target[bad][0])}")
-    return target, active
+    return target, target != ignore_index
 
 
-def check_scalar(name: str, value, low: float, high: float | None = None):
-    """A finite real number in [low, high], or a one-element floating tensor (returned 0-d).
-
-    A tensor on an accelerator is checked on the device (torch._assert_async) so that a schedule
-    kept on the GPU costs no host synchronisation; on the CPU it is checked here.
-    """
-    bound = f"in [{low}, {high}]" if high is not None else f"finite and >= {low}"
+def check_scalar(name: str, value):
+    """A real number within BOUNDS[name] (ops/checks.py), or a one-element floating tensor
+    (returned 0-d, its value checked inside an op where it can be read)."""
+    bound = BOUNDS[name]
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {list(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor or a real number, got {value.dtype}")
-        value = value.reshape(())
-        ok = torch.isfinite(value) & (value >= low)
-        if high is not None:
-            ok = ok & (value <= high)
-        if not host_reads_are_free(value.device):
-            torch._assert_async(ok, f"{name} must be {bound}")
-        elif not bool(ok):
-            raise ValueError(f"{name} must be {bound}, got {float(value)}")
-        return value
+        return checked_scalar(value.reshape(()), name)
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (value >= low and (high is None or value <= high)) or value != value or abs(value) == float("inf"):
-        raise ValueError(f"{name} must be {bound}, got {value}")
+    if not bound.holds(value):
+        if torch.compiler.is_compiling():  # the value may be symbolic: no formatting
+            raise ValueError(name + " must be " + bound.text)
+        raise ValueError(f"{name} must be {bound.text}, got {value}")
     return value
 
 
-@dataclass(frozen=True)
-class LossOptions:
-    """The checked scalar options of a K-pass loss call."""
-    alpha: float | Tensor
-    divergence: str
-    label_smoothing: float
-    ignore_index: int
-    reduction: str
-    logit_scale: float = 1.0
-    softcap: float = 0.0   # 0: off
-    z_loss: float = 0.0
+def build_spec(**options) -> LossSpec:
+    """The LossSpec of a call, from its public arguments, each checked (ValueError / TypeError
+    naming it). Numeric options given as one-element tensors are read here: the kernels take
+    them as launch constants."""
+    check_choice("reduction", options.get("reduction", "mean"), REDUCTIONS)
+    check_choice("divergence", options.get("divergence", "x"), DIVERGENCES)
+    if "ignore_index" in options:
+        options["ignore_index"] = check_int("ignore_index", options["ignore_index"], INT64_MIN, INT64_MAX)
+    for name in ("label_smoothing", "logit_scale", "softcap", "z_loss"):
+        if options.get(name) is not None:
+            options[name] = float(check_scalar(name, options[name]))
+    if "softcap" in options and options["softcap"] is None:
+        options["softcap"] = 0.0  # None: off
+    if options.get("chunk_size") is not None:
+        check_int("chunk_size", options["chunk_size"], 1)
+    options["chunk_size"] = options.get("chunk_size") or 0
+    return LossSpec(**options)
 
 
-def _launch_constant(name: str, value, low: float, high: float | None = None) -> float:
-    value = check_scalar(name, value, low, high)
-    # The kernels take it as a launch constant: a host read, only for a tensor-valued argument.
-    return float(value)
+def check_inplace(inplace_grad, logits: Tensor) -> bool:
+    """Whether the gradient may be written over the logits: asked for, and every element of the
+    logits has its own memory (a stride-0 view would overwrite itself). A leaf that requires grad
+    (a Parameter, or logits a user made a leaf) is refused, as torch refuses in-place operations
+    on it: its data would be replaced by its gradient."""
+    if not isinstance(inplace_grad, bool):
+        raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
+    if inplace_grad and logits.is_leaf and logits.requires_grad:
+        raise ValueError("inplace_grad=True would overwrite the logits with their gradient, but the logits are a leaf "
+                         "tensor that requires grad (a Parameter or a tensor made with requires_grad=True), whose "
+                         "data would be lost; use inplace_grad=False, or pass the output of an operation (e.g. the "
+                         "model's logits)")
+    return inplace_grad and may_write_in_place(logits)
 
 
-def check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction,
-                       logit_scale=1.0, softcap=None, z_loss=0.0) -> LossOptions:
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("divergence", divergence, DIVERGENCES)
-    alpha = check_scalar("alpha", alpha, 0.0)
-    label_smoothing = _launch_constant("label_smoothing", label_smoothing, 0.0, 1.0)
-    check_int("ignore_index", ignore_index, INT64_MIN, INT64_MAX)
-    logit_scale = _launch_constant("logit_scale", logit_scale, 0.0)
-    if logit_scale == 0:
-        raise ValueError("logit_scale must be > 0, got 0 (every class would be equally likely)")
-    if softcap is not None:
-        softcap = _launch_constant("softcap", softcap, 0.0)
-        if softcap == 0:
-            raise ValueError("softcap must be None (off) or > 0, got 0")
-    z_loss = _launch_constant("z_loss", z_loss, 0.0)
-    return LossOptions(alpha, divergence, label_smoothing, int(ignore_index), reduction, logit_scale,
-                       softcap or 0.0, z_loss)
+def one_pass_applies(reduction: str, *inputs: Tensor) -> bool:
+    """The one-pass forward applies when the reduced loss is what gets differentiated: known only
+    for reductions "mean" and "sum", and only while autograd records."""
+    return reduction != "none" and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -221,55 +214,95 @@ def pick_backend(backend, t: Tensor, k) -> str:
             raise ValueError(f"backend {backend!r} supports at most {limit} passes, got K = {k}")
     if backend == "auto" and candidates == () and t.dtype in FUSED_DTYPES:
         _warn_fallback(t.device.type)
-    return "torch"
+    return registry.FALLBACK
 
 
 @torch.compiler.assume_constant_result
 def _candidates(backend: str, device: str, dtype_name: str) -> tuple[tuple[str, int], ...]:
     """The fused backends to try, in order, with their pass limits (0: none). A plain function
     of strings so torch.compile evaluates it once at trace time; K, possibly symbolic, is
-    compared with the limits by the caller."""
+    compared with the limits by the caller. () means the fallback."""
     probe = torch.empty(0, dtype=getattr(torch, dtype_name), device=device)
     if backend == "auto":
-        if probe.dtype not in FUSED_DTYPES:
-            return ()
-        order = ("triton", "cuda") if probe.is_cuda else ("cpu",)
-        return tuple((n, max_passes(n) or 0) for n in order if backend_available(n) and backend_impl(n).supports(probe))
-    if backend == "torch":
+        names = registry.AUTO_ORDER.get(probe.device.type, ())
+        return tuple((n, registry.get(n).max_passes or 0) for n in names
+                     if registry.available(n) and registry.get(n).supports(probe))
+    if backend == registry.FALLBACK:
         return ()
-    if not backend_available(backend):
-        raise ValueError(f"backend {backend!r} is not available here ({unavailable_reason(backend)}); "
+    reason = registry.unavailable_reason(backend)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} is not available here ({reason}); "
                          f"available backends: {available_backends()}")
     if probe.dtype not in FUSED_DTYPES:
-        raise TypeError(f"backend {backend!r} takes float32, bfloat16 or float16 logits, got {probe.dtype}; use backend='torch' for it")
-    if not backend_impl(backend).supports(probe):
-        hint = " (set TRITON_INTERPRET=1 to run Triton on CPU tensors)" if backend == "triton" else ""
-        raise ValueError(f"backend {backend!r} cannot run on {device} tensors{hint}")
-    return ((backend, max_passes(backend) or 0),)
-
-
-def max_passes(name: str) -> int | None:
-    return None if name == "torch" else backend_impl(name).max_passes
+        raise TypeError(f"backend {backend!r} takes float32, bfloat16 or float16 logits, got {probe.dtype}; "
+                        f"use backend={registry.FALLBACK!r} for it")
+    if not registry.get(backend).supports(probe):
+        raise ValueError(f"backend {backend!r} cannot run on {device} tensors ({registry.get(backend).unavailable_reason() or 'see doctor()'}"
+                         f"{'; set TRITON_INTERPRET=1 to run Triton on CPU tensors' if backend == 'triton' else ''})")
+    return ((backend, registry.get(backend).max_passes or 0),)
 
 
 _warned: set[str] = set()
 
 
 def _warn_fallback(device_type: str) -> None:
-    """Once per process and device type: "auto" runs the slow reference where a fused backend
+    """Once per process and device type: "auto" runs the slow eager backend where a fused backend
     should exist (the C++ build failed, Triton is missing on a GPU, ...)."""
-    expected = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}.get(device_type, ())
+    expected = registry.AUTO_ORDER.get(device_type, ())
     if not expected or device_type in _warned or torch.compiler.is_compiling():
         return
     _warned.add(device_type)
-    reasons = "; ".join(f"{n}: {unavailable_reason(n) or 'does not take these tensors'}" for n in expected)
+    reasons = "; ".join(f"{n}: {registry.unavailable_reason(n) or 'does not take these tensors'}" for n in expected)
     warnings.warn(
-        f"intradistill_kernels: backend='auto' falls back to the eager reference on {device_type} "
+        f"intradistill_kernels: backend='auto' falls back to the eager backend on {device_type} "
         f"(several times slower, more memory) because no fused backend is usable: {reasons}. "
         "Run `python -m intradistill_kernels` for a diagnosis.", RuntimeWarning, stacklevel=4)
 
 
-# ----------------------------------------------------------------------------- reductions and output
+# ----------------------------------------------------------------------------- running and assembling
+
+def coefficients(alpha, active: Tensor, spec: LossSpec, dtype: torch.dtype) -> Tensor:
+    """coef = [alpha, scale]: the loss is scale·Σ(ce + alpha·div + z_loss·zsq) over the rows, with
+    scale = 1/(kept rows) for "mean" (1 when none is kept) and 1 otherwise. alpha keeps its graph."""
+    device = active.device
+    alpha = alpha.to(device=device, dtype=dtype) if isinstance(alpha, Tensor) else torch.full((), alpha, dtype=dtype, device=device)
+    if spec.reduction == "mean":
+        scale = 1.0 / active.sum().clamp(min=1).to(dtype)
+    else:
+        scale = torch.ones((), dtype=dtype, device=device)
+    return torch.stack([alpha.reshape(()), scale])
+
+
+def assemble(spec: LossSpec, rows, loss: Tensor, coef: Tensor, batch_shape) -> IntraDistillationOutput:
+    """The output of the per-row (ce, div, zsq) and the reduced loss: reduced by scale for "mean"
+    and "sum"; for "none" each row's loss = ce + alpha·div + z_loss·zsq ([*B], 0 at ignored rows)."""
+    ce, div, zsq = rows
+    if spec.reduction == "none":
+        ce, div, zsq = (r.reshape(batch_shape) for r in rows)
+        z = spec.z_loss * zsq if spec.has_z else None
+        loss = ce + coef[0] * div + (0 if z is None else z)
+        return IntraDistillationOutput(loss, ce, div, z)
+    scale = coef[1]
+    z = scale * spec.z_loss * zsq.sum() if spec.has_z else None
+    return IntraDistillationOutput(loss, scale * ce.sum(), scale * div.sum(), z)
+
+
+def logits_loss(logits: Tensor, target: Tensor, active: Tensor, alpha, spec: LossSpec, batch_shape) -> IntraDistillationOutput:
+    """The loss of logits [K, *B, V] (or this rank's shard of them when spec.group is set)."""
+    alpha = check_scalar("alpha", alpha)
+    coef = coefficients(alpha, active, spec, compute_dtype(logits.dtype))
+    ce, div, zsq, loss = LogitsLoss.apply(logits, target, active, coef, spec)
+    return assemble(spec, (ce, div, zsq), loss, coef, batch_shape)
+
+
+def linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, active: Tensor, alpha,
+                spec: LossSpec, batch_shape) -> IntraDistillationOutput:
+    """The loss of hidden [K, *B, H] @ weight.T + bias, chunk by chunk (ops/linear_loss.py)."""
+    alpha = check_scalar("alpha", alpha)
+    coef = coefficients(alpha, active, spec, compute_dtype(hidden.dtype))
+    ce, div, zsq, loss = LinearLoss.apply(hidden, weight, bias, target, active, coef, spec)
+    return assemble(spec, (ce, div, zsq), loss, coef, batch_shape)
+
 
 def reduce_rows(rows: Tensor, active: Tensor, reduction: str, batch_shape) -> Tensor:
     """"none" -> [*B] (0 at inactive rows), "sum", or "mean" over the active rows (0 when none)."""
@@ -279,19 +312,6 @@ def reduce_rows(rows: Tensor, active: Tensor, reduction: str, batch_shape) -> Te
     if reduction == "sum":
         return total
     return total / active.sum().clamp(min=1).to(total.dtype)
-
-
-def loss_output(ce_rows: Tensor, div_rows: Tensor, active: Tensor, batch_shape, opts: LossOptions,
-                zsq_rows: Tensor | None = None) -> IntraDistillationOutput:
-    """The per-row terms reduced and combined: loss = ce + alpha·divergence + z_loss·mean lse²."""
-    ce = reduce_rows(ce_rows, active, opts.reduction, batch_shape)
-    div = reduce_rows(div_rows, active, opts.reduction, batch_shape)
-    loss = ce + opts.alpha * div
-    z = None
-    if zsq_rows is not None and opts.z_loss > 0:
-        z = opts.z_loss * reduce_rows(zsq_rows, active, opts.reduction, batch_shape)
-        loss = loss + z
-    return IntraDistillationOutput(loss, ce, div, z)
 
 
 def may_write_in_place(t: Tensor) -> bool:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import sys
 from importlib import metadata
 from typing import TextIO
 
-ORDER = ("triton", "cuda", "cpu", "torch")
 # Settings that change what the backends do; printed when set.
 ENV_VARS = ("TRITON_INTERPRET", "INTRADISTILL_DISABLE_CPP", "TORCH_EXTENSIONS_DIR", "CUDA_HOME", "CXX",
             "CUDA_VISIBLE_DEVICES")
@@ -31,7 +29,7 @@ def report_lines() -> list[str]:
     import torch
 
     from . import __file__ as package_file, __version__
-    from .ops import unavailable_reason
+    from .ops.registry import AUTO_ORDER, FALLBACK, NAMES, get, unavailable_reason
 
     lines = [f"intradistill-kernels {__version__} ({os.path.dirname(package_file)})"]
     lines += _versions(torch)
@@ -39,12 +37,13 @@ def report_lines() -> list[str]:
     settings = [f"  {name}={os.environ[name]}" for name in ENV_VARS if name in os.environ]
     if settings:
         lines += ["", "settings"] + settings
-    lines += ["", "backends (backend='auto' uses triton, then cuda, on CUDA tensors; cpu on CPU tensors; "
-              "torch otherwise)"]
-    for name in ORDER:
+    order = "; ".join(f"{', then '.join(names)} on {device.upper() if device == 'cpu' else 'CUDA'} tensors"
+                      for device, names in AUTO_ORDER.items())
+    lines += ["", f"backends (backend='auto' uses {order}; {FALLBACK} otherwise)"]
+    for name in NAMES:
         reason = unavailable_reason(name)
         lines.append(f"  {name:<7} " + ("available" if reason is None else f"unavailable: {reason}"))
-        lines += [f"          {line}" for line in _details(name, reason)]
+        lines += [f"          {line}" for line in get(name).details()]
     return lines
 
 
@@ -91,54 +90,3 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _details(name: str, reason: str | None) -> list[str]:
-    """Extra lines under a backend: where its library came from, what it needs to build, and the
-    full build error when the one-line reason left part of it out."""
-    if name == "triton":
-        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        return ["TRITON_INTERPRET is set: the kernels run in the (slow) interpreter on CPU tensors"] \
-            if reason is None and interpret else []
-    if name == "torch":
-        return ["the eager reference (intradistill_kernels/reference.py): slower, more memory"]
-    from .ops import cpp
-
-    lines = []
-    origin = cpp.library_origin(name)
-    if origin is not None:
-        lines.append(f"loaded from the {origin}")
-    if cpp.aot_skipped(name):
-        lines.append(cpp.aot_skipped(name))
-    if reason is not None:
-        error = cpp.build_error(name) or ""
-        if error and error != reason:
-            lines.append("build error:")
-            lines += [f"  {line}" for line in error.splitlines()[-40:]]
-        if _could_build(name):
-            lines += _build_tools(name)
-    return lines
-
-
-def _could_build(name: str) -> bool:
-    """Whether a build was attempted, so that the tools it needs are worth listing."""
-    import torch
-
-    if os.environ.get("INTRADISTILL_DISABLE_CPP", "0") not in ("", "0"):
-        return False
-    return name == "cpu" or torch.cuda.is_available()
-
-
-def _build_tools(name: str) -> list[str]:
-    if name == "cpu":
-        compiler = os.environ.get("CXX", "c++")
-        tools = {f"C++ compiler ({compiler})": shutil.which(compiler), "ninja": shutil.which("ninja")}
-    else:
-        tools = {"nvcc": shutil.which("nvcc") or _cuda_home_nvcc()}
-    return [f"{tool}: {path or 'not found'}" for tool, path in tools.items()]
-
-
-def _cuda_home_nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    path = os.path.join(home, "bin", "nvcc") if home else None
-    return path if path and os.path.exists(path) else None

@@ -1,5 +1,5 @@
-"""Public functional API: each loss checks its arguments, picks a backend, computes per-row
-terms and reduces them; the checks, backend choice and reductions live in _core."""
+"""Public functional API. Each function checks its tensors, builds one LossSpec and runs the loss
+through _core (checks, backend choice, output assembly) and ops/ (autograd and custom ops)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import torch
 
 from . import reference
 from ._core import (
-    IntraDistillationOutput, LossOptions, available_backends, check_choice, check_int, check_logits, check_mask,
-    check_loss_options, check_target, check_tensor_arg, host_reads_are_free, jeffrey_factor, loss_output, may_write_in_place,
-    pick_backend, reduce_rows, REDUCTIONS,
+    IntraDistillationOutput, available_backends, check_choice, check_inplace, check_logits, check_mask, check_target,
+    check_output_layer, build_spec, linear_loss, logits_loss, one_pass_applies, pick_backend, reduce_rows, REDUCTIONS,
 )
-from .ops.fused_linear import ChunkConfig, FusedLinearRows, default_chunk_size
 
 Tensor = torch.Tensor
 
@@ -21,48 +19,14 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- row computation
-
-def _rows_and_loss(logits, target, active, batch_shape, opts: LossOptions, has_ce, backend, inplace_grad):
-    """IntraDistillationOutput of the rows (ce is None without has_ce)."""
-    k, v = logits.shape[0], logits.shape[-1]
-    if backend == "torch":
-        flat = reference.transform_logits(reference.active_rows(logits.reshape(k, -1, v), active),
-                                          opts.logit_scale, opts.softcap)
-        div = reference.DIVERGENCE_ROWS[opts.divergence](flat, active)
-        ce = reference.cross_entropy_rows(flat, target, active, opts.label_smoothing) if has_ce else torch.zeros_like(div)
-        zsq = reference.lse_square_rows(flat, active) if opts.z_loss > 0 else None
-        return loss_output(ce, div, active, batch_shape, opts, zsq)
-    from .ops.fused import FusedRows
-
-    row_target = torch.where(active, target, -1) if has_ce else torch.where(active, 0, -1)
-    # An expanded (stride-0) view shares memory between elements: a gradient written over it
-    # would overwrite itself, so such logits get a fresh gradient buffer.
-    inplace = bool(inplace_grad) and may_write_in_place(logits)
-    # The one-pass forward applies when the reduced loss is what gets differentiated.
-    early = opts.reduction != "none" and torch.is_grad_enabled() and logits.requires_grad
-    count = active.sum().clamp(min=1).to(torch.float32)
-    scale = 1.0 / count if opts.reduction == "mean" else torch.ones((), device=logits.device)
-    alpha = opts.alpha.to(torch.float32) if isinstance(opts.alpha, Tensor) else \
-        torch.full((), opts.alpha, dtype=torch.float32, device=logits.device)
-    div_factor = jeffrey_factor(k) if opts.divergence == "jeffrey" else 1.0
-    ce, div, zsq, loss = FusedRows.apply(
-        logits, row_target, alpha, scale, opts.z_loss, div_factor, opts.divergence == "js", opts.label_smoothing,
-        has_ce, opts.logit_scale, opts.softcap, inplace, early, backend)
-    if opts.reduction == "none":
-        return loss_output(ce, div, active, batch_shape, opts, zsq)
-    z = scale * opts.z_loss * zsq.sum() if opts.z_loss > 0 else None
-    return IntraDistillationOutput(loss, scale * ce.sum(), scale * div.sum(), z)
-
-
-# ----------------------------------------------------------------------------- public functions
-
-def _divergence(logits, mask, reduction, backend, divergence, inplace_grad):
+def _divergence(logits, mask, reduction, backend, divergence, inplace_grad) -> Tensor:
     k, batch_shape, _ = check_logits(logits)
-    opts = check_loss_options(1.0, divergence, 0.0, -100, reduction)
     active = check_mask(mask, batch_shape, logits.device)
-    backend = pick_backend(backend, logits, k)
-    return _rows_and_loss(logits, None, active, batch_shape, opts, False, backend, inplace_grad).loss
+    spec = build_spec(backend=pick_backend(backend, logits, k), divergence=divergence, has_ce=False,
+                      reduction=reduction, inplace=check_inplace(inplace_grad, logits),
+                      one_pass=one_pass_applies(reduction, logits))
+    target = torch.zeros(active.shape, dtype=torch.long, device=logits.device)
+    return logits_loss(logits, target, active, 1.0, spec, batch_shape).loss
 
 
 def x_divergence(logits: Tensor, mask: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
@@ -71,7 +35,8 @@ def x_divergence(logits: Tensor, mask: Tensor | None = None, reduction: str = "m
 
     logits [K, *B, V]; mask bool [*B] (False rows ignored); reduction "mean" (over kept rows,
     0.0 when none is kept), "sum" or "none" ([*B], 0 at ignored rows). inplace_grad=True lets the
-    fused backends write the gradient over `logits` (the logits must not be used after backward).
+    fused backends write the gradient over `logits` (the logits must not be used after backward;
+    refused for a leaf that requires grad).
     """
     return _divergence(logits, mask, reduction, backend, "x", inplace_grad)
 
@@ -100,13 +65,16 @@ def intra_distillation_loss(
     z_loss · mean over passes and rows of lse² to `loss` (also reported as `out.z_loss`).
     When only `loss` is differentiated (reduction "mean" or "sum"), the fused backends compute
     the gradient in the forward's sweep over the logits; inplace_grad=True then writes it over
-    the logits at once (they must not be used after the call).
+    the logits at once (they must not be used after the call; refused for a leaf that requires
+    grad). The gradient is differentiable again (create_graph=True) except with inplace_grad.
     """
-    k, batch_shape, v = check_logits(logits)
-    opts = check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction, logit_scale, softcap, z_loss)
-    target, active = check_target(target, batch_shape, v, opts.ignore_index, logits.device)
-    backend = pick_backend(backend, logits, k)
-    return _rows_and_loss(logits, target, active, batch_shape, opts, True, backend, inplace_grad)
+    k, batch_shape, _ = check_logits(logits)
+    target, active = check_target(target, batch_shape, ignore_index, logits.device)
+    spec = build_spec(backend=pick_backend(backend, logits, k), divergence=divergence, label_smoothing=label_smoothing,
+                      ignore_index=ignore_index, reduction=reduction, softcap=softcap, logit_scale=logit_scale,
+                      z_loss=z_loss, inplace=check_inplace(inplace_grad, logits),
+                      one_pass=one_pass_applies(reduction, logits))
+    return logits_loss(logits, target, active, alpha, spec, batch_shape)
 
 
 def consistency_mse(outputs: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
@@ -151,45 +119,13 @@ def fused_linear_intra_distillation_loss(
     When only `loss` is differentiated (reduction "mean" or "sum"), the gradients are computed
     during the forward, chunk by chunk, and backward only scales them.
     """
-    k, batch_shape, hdim = check_logits(hidden, "hidden")
-    check_tensor_arg("weight", weight, hidden.device)
-    if bias is not None:
-        check_tensor_arg("bias", bias, hidden.device)
-    if weight.dim() != 2 or weight.shape[1] != hdim or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V, H] with H = {hdim} (hidden's last dim) and V >= 1, got {list(weight.shape)}")
-    v = weight.shape[0]
-    if bias is not None and tuple(bias.shape) != (v,):
-        raise ValueError(f"bias must have shape [V] = [{v}], got {list(bias.shape)}")
-    opts = check_loss_options(alpha, divergence, label_smoothing, ignore_index, reduction, logit_scale, softcap, z_loss)
-    if chunk_size is not None:
-        check_int("chunk_size", chunk_size, 1)
-    target_flat, active = check_target(target, batch_shape, v, opts.ignore_index, hidden.device)
-    # The GEMM's output is fp32 (float64 for float64): that is what the row kernels read.
+    k, batch_shape, _ = check_logits(hidden, "hidden")
+    check_output_layer(hidden, weight, bias)
+    target, active = check_target(target, batch_shape, ignore_index, hidden.device)
+    # The GEMM's output is fp32 (float64 for float64): that is what the backend reads.
     logits_like = hidden.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-    backend = pick_backend(backend, logits_like, k)
-
-    h = hidden.reshape(k, -1, hdim)
-    rows_target = torch.where(active, target_flat, -1)
-    keep = None
-    if host_reads_are_free(hidden.device):
-        # Ignored tokens are dropped before any GEMM. (On an accelerator that would need their
-        # count on the host, a synchronisation per call: there they are computed and zeroed.)
-        keep = active.nonzero().squeeze(1)
-        h, rows_target = h[:, keep], rows_target[keep]
-    m = h.shape[1]
-    rows_dtype = logits_like.dtype
-    alpha_t = opts.alpha.to(rows_dtype) if isinstance(opts.alpha, Tensor) else torch.full((), opts.alpha, dtype=rows_dtype, device=hidden.device)
-    count = active.sum().clamp(min=1).to(rows_dtype)
-    scale = 1.0 / count if opts.reduction == "mean" else torch.ones((), dtype=rows_dtype, device=hidden.device)
-    early = opts.reduction != "none" and torch.is_grad_enabled()
-    cfg = ChunkConfig(opts.divergence, opts.label_smoothing, backend,
-                      chunk_size or default_chunk_size(k, max(m, 1), v, hidden.device),
-                      opts.logit_scale, opts.softcap, opts.z_loss)
-    ce_rows, div_rows, zsq_rows, loss = FusedLinearRows.apply(h, weight, bias, alpha_t, scale, rows_target, cfg, early)
-    if opts.reduction == "none":
-        if keep is not None:
-            zeros = ce_rows.new_zeros(active.numel())
-            ce_rows, div_rows, zsq_rows = (zeros.index_put((keep,), r) for r in (ce_rows, div_rows, zsq_rows))
-        return loss_output(ce_rows, div_rows, active, batch_shape, opts, zsq_rows)
-    z = scale * opts.z_loss * zsq_rows.sum() if opts.z_loss > 0 else None
-    return IntraDistillationOutput(loss, scale * ce_rows.sum(), scale * div_rows.sum(), z)
+    spec = build_spec(backend=pick_backend(backend, logits_like, k), divergence=divergence,
+                      label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+                      logit_scale=logit_scale, z_loss=z_loss, chunk_size=chunk_size,
+                      one_pass=one_pass_applies(reduction, hidden, weight, bias))
+    return linear_loss(hidden, weight, bias, target, active, alpha, spec, batch_shape)

@@ -1,4 +1,5 @@
-"""Eager PyTorch implementation: the executable specification and the "torch" backend.
+"""The executable specification, in eager PyTorch (float64-capable): what every backend is
+tested against (the "torch" backend, ops/eager.py, is the kernels' algorithm; this is the paper's).
 
 Every formula here is written the way the paper states it (both KL directions, log p̄ from the
 probabilities), not in the kernels' log-free form, so that tests comparing the kernels with this
@@ -115,13 +116,26 @@ def active_rows(logits: Tensor, active: Tensor) -> Tensor:
 
 def transform_logits(logits: Tensor, logit_scale: float = 1.0, softcap: float = 0.0) -> Tensor:
     """t = softcap·tanh(logit_scale·z / softcap) (t = logit_scale·z without softcap). A logit at
-    -inf stays -inf: masked vocabulary padding stays masked (tanh would make it -softcap)."""
+    -inf stays -inf: masked vocabulary padding stays masked (tanh would make it -softcap); under
+    softcap its gradient is 0, the limit of dt/dz = 1 − tanh² as z → -inf (design.md §1.10)."""
     t = logits.to(_compute_dtype(logits.dtype))
     if logit_scale != 1.0:
         t = t * logit_scale
     if softcap > 0:
-        t = torch.where(t == float("-inf"), t, softcap * torch.tanh(t / softcap))
+        masked = t == float("-inf")
+        capped = softcap * torch.tanh(torch.where(masked, torch.zeros((), dtype=t.dtype), t) / softcap)
+        t = torch.where(masked, t.detach(), capped)
     return t
+
+
+def loss_rows(logits: Tensor, target: Tensor, active: Tensor, spec) -> tuple[Tensor, Tensor, Tensor]:
+    """(ce, divergence, (1/K) Σ_k lse_k²) per row of logits [K, *B, V], target [N], active [N].
+    spec: anything with divergence, has_ce, label_smoothing, logit_scale and softcap (a LossSpec)."""
+    k, v = logits.shape[0], logits.shape[-1]
+    t = transform_logits(active_rows(logits.reshape(k, -1, v), active), spec.logit_scale, spec.softcap)
+    div = DIVERGENCE_ROWS[spec.divergence](t, active)
+    ce = cross_entropy_rows(t, target, active, spec.label_smoothing) if spec.has_ce else torch.zeros_like(div)
+    return ce, div, lse_square_rows(t, active)
 
 
 def lse_square_rows(logits: Tensor, active: Tensor) -> Tensor:

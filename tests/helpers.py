@@ -13,6 +13,8 @@ import torch
 
 import intradistill_kernels as idk
 from intradistill_kernels import reference
+from intradistill_kernels.ops.logits_loss import LogitsLoss
+from intradistill_kernels.ops.loss_terms import reduced_loss
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -97,16 +99,35 @@ def loss_and_grad(logits: torch.Tensor, call, weights):
     return [o.detach().double() for o in outs], leaf.grad
 
 
+@contextlib.contextmanager
+def paper_formulas():
+    """While active, backend "torch" computes the logits losses with reference.py (the paper's
+    formulas, through autograd) instead of the kernels' algorithm in eager torch: the oracle the
+    backends are compared with is independent of their algebra."""
+    real = LogitsLoss.apply
+
+    def apply(logits, target, active, coef, spec):
+        if spec.backend != "torch" or spec.group:
+            return real(logits, target, active, coef, spec)
+        ce, div, zsq = reference.loss_rows(logits, target, active, spec)
+        return ce, div, zsq, reduced_loss(spec, coef, ce, div, zsq)
+
+    with mock.patch.object(LogitsLoss, "apply", apply):
+        yield
+
+
 def reference_of(logits: torch.Tensor, call, weights):
-    """The float64 reference on the same (possibly rounded) values: backend "torch" on float64."""
-    return loss_and_grad(logits.detach().double(), call, weights)
+    """The float64 reference on the same (possibly rounded) values: backend "torch" on float64,
+    computed by the paper's formulas (paper_formulas)."""
+    with paper_formulas():
+        return loss_and_grad(logits.detach().double(), call, weights)
 
 
 @contextlib.contextmanager
 def eager_in_input_dtype():
-    """Backend "torch" computing in the input's own dtype (it upcasts 16-bit inputs to fp32
+    """The paper's formulas computed in the input's own dtype (they upcast 16-bit inputs to fp32
     otherwise): what a user's eager 16-bit loss gets, the yardstick of the 16-bit criterion."""
-    with mock.patch.object(reference, "_compute_dtype", lambda dtype: dtype):
+    with paper_formulas(), mock.patch.object(reference, "_compute_dtype", lambda dtype: dtype):
         yield
 
 

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import intradistill_kernels as idk
 from intradistill_kernels import _core
+from intradistill_kernels.ops import checks
 from helpers import all_backends, fused_backends, random_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -139,7 +140,7 @@ def test_fused_linear_alpha_tensor_gets_its_gradient(backend, use_terms):
 
 
 def test_fused_linear_under_no_grad_computes_no_gradient(monkeypatch):
-    from intradistill_kernels.ops import fused_linear
+    from intradistill_kernels.ops import linear_loss as fused_linear
 
     calls = []
     real = fused_linear.chunked_pass
@@ -153,7 +154,7 @@ def test_fused_linear_under_no_grad_computes_no_gradient(monkeypatch):
 
 def test_fused_linear_frozen_weight_skips_its_gradient(monkeypatch):
     """A frozen lm_head (LoRA elsewhere) needs no [V, H] weight-gradient GEMM."""
-    from intradistill_kernels.ops import fused_linear
+    from intradistill_kernels.ops import linear_loss as fused_linear
 
     needs = []
     real = fused_linear.chunked_pass
@@ -214,9 +215,7 @@ def test_no_host_reads_where_they_would_synchronise(monkeypatch, backend, fused_
     """The loss's forward and backward take the accelerator path here (host reads declared not
     free) and must then never read a tensor's value: the old target check (bool()) and the
     fused-linear backward's allclose would be recorded."""
-    monkeypatch.setattr(_core, "host_reads_are_free", lambda device: False)
-    from intradistill_kernels import functional
-    monkeypatch.setattr(functional, "host_reads_are_free", lambda device: False)
+    monkeypatch.setattr(checks, "host_reads_are_free", lambda device: False)
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(3, 6, 8, generator=gen, requires_grad=True)
     w = torch.randn(13, 8, generator=gen, requires_grad=True)
@@ -240,7 +239,7 @@ def test_no_host_reads_where_they_would_synchronise(monkeypatch, backend, fused_
 
 
 def test_bad_target_is_caught_on_the_device_path(monkeypatch):
-    monkeypatch.setattr(_core, "host_reads_are_free", lambda device: False)
+    monkeypatch.setattr(checks, "host_reads_are_free", lambda device: False)
     z, y = _problem()
     with pytest.raises(RuntimeError, match="target values"):
         idk.intra_distillation_loss(z, y + 100)
@@ -251,9 +250,11 @@ def test_bad_target_is_caught_on_the_device_path(monkeypatch):
 def test_auto_fallback_warns_once_with_the_reason(monkeypatch):
     from intradistill_kernels import ops
 
+    from intradistill_kernels.ops import registry
+
     monkeypatch.setattr(_core, "_warned", set())
-    monkeypatch.setattr(_core, "backend_available", lambda name: name == "torch")
-    monkeypatch.setattr(_core, "unavailable_reason", lambda name: f"{name} broke: no compiler")
+    monkeypatch.setattr(registry, "available", lambda name: name == "torch")
+    monkeypatch.setattr(registry, "unavailable_reason", lambda name: None if name == "torch" else f"{name} broke: no compiler")
     z, y = _problem()
     with pytest.warns(RuntimeWarning, match="cpu broke: no compiler"):
         idk.intra_distillation_loss(z, y)

@@ -17,12 +17,13 @@ import torch
 
 from helpers import TOLERANCES, assert_close_grads
 from intradistill_kernels import reference
-from intradistill_kernels.ops import backend_available, backend_impl
-from intradistill_kernels.ops.backend import EarlyGrad, RowsConfig, RowWeights
+from intradistill_kernels.ops import registry
+from intradistill_kernels.ops.backend import EarlyGrad, RowWeights
+from intradistill_kernels.ops.spec import LossSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the Triton interpreter
 
-CONTRACT_BACKENDS = ["triton", "cpu", "cuda"]  # cuda: CUDA tensors, skipped without a GPU
+CONTRACT_BACKENDS = list(registry.NAMES)  # cuda: CUDA tensors, skipped without a GPU
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The C++ CPU one-pass forward keeps exp(t − σ) from its statistics sweep (σ: the running max) and
 # rescales it, where its exact backward recomputes exp(t − lse): the same gradient to fp32
@@ -31,10 +32,10 @@ ONE_PASS_FP32_ULPS = {"cpu": 8}
 
 
 def _backend(name: str):
-    if not backend_available(name):
+    if not registry.available(name):
         pytest.skip(f"backend {name} unavailable")
     device = "cuda" if torch.cuda.is_available() and name in ("triton", "cuda") else "cpu"
-    return backend_impl(name), device
+    return registry.get(name), device
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,9 @@ class Case:
     z: bool = False
     pad: int = 0  # classes at -inf in every pass (vocabulary padding)
 
-    def cfg(self) -> RowsConfig:
-        return RowsConfig(js=self.js, label_smoothing=self.smoothing, has_ce=self.has_ce,
-                          logit_scale=self.logit_scale, softcap=self.softcap)
+    def cfg(self, backend: str) -> LossSpec:
+        return LossSpec(backend, divergence="js" if self.js else "x", label_smoothing=self.smoothing,
+                        has_ce=self.has_ce, logit_scale=self.logit_scale, softcap=self.softcap)
 
     def __str__(self):
         opts = [f"K{self.k}", f"V{self.v}", "js" if self.js else "x"]
@@ -173,9 +174,9 @@ def _check_reference(stats, grad, z, target, weights, case, dtype):
 def test_exact_backward_matches_float64(backend, dtype, case, strided):
     impl, device = _backend(backend)
     z, target, weights = _problem(case, dtype, device, _seed(case, dtype, strided), strided)
-    stats = impl.forward(z, target, case.cfg())
+    stats = impl.forward(z, target, case.cfg(impl.name))
     grad = _same_layout(z, fill=7.0)
-    impl.backward(z, target, stats.lse, stats.stat, weights, case.cfg(), grad)
+    impl.backward(z, target, stats.lse, stats.stat, weights, case.cfg(impl.name), grad)
     _check_reference(stats, grad, z, target, weights, case, dtype)
 
 
@@ -186,7 +187,7 @@ def test_exact_backward_matches_float64(backend, dtype, case, strided):
 def test_one_pass_forward_writes_the_exact_gradient(backend, dtype, case, inplace, strided):
     impl, device = _backend(backend)
     z, target, weights = _problem(case, dtype, device, _seed(case, dtype, inplace, strided), strided)
-    cfg = case.cfg()
+    cfg = case.cfg(impl.name)
     stats = impl.forward(z, target, cfg)
     exact = _same_layout(z, fill=7.0)
     impl.backward(z, target, stats.lse, stats.stat, weights, cfg, exact)
@@ -213,7 +214,7 @@ def test_one_pass_forward_matches_float64(backend):
     case = Case(3, 1000, js=True, smoothing=0.1, logit_scale=0.7, softcap=5.0, z=True)
     z, target, weights = _problem(case, torch.float32, device, _seed("early", case), False)
     grad = torch.full_like(z, 7.0)
-    stats = impl.forward(z, target, case.cfg(), EarlyGrad(weights, grad))
+    stats = impl.forward(z, target, case.cfg(impl.name), EarlyGrad(weights, grad))
     _check_reference(stats, grad, z, target, weights, case, torch.float32)
 
 
@@ -229,11 +230,11 @@ def test_cpu_one_pass_rows_beyond_the_cache_budget(js):
         pytest.skip(f"a {budget >> 20} MiB per-thread budget needs rows too large for a unit test")
     case = Case(2, v, js=js, smoothing=0.1, logit_scale=0.7, z=True)
     z, target, weights = _problem(case, torch.float32, device, _seed("budget", case), False)
-    stats = impl.forward(z, target, case.cfg())
+    stats = impl.forward(z, target, case.cfg(impl.name))
     exact = torch.full_like(z, 7.0)
-    impl.backward(z, target, stats.lse, stats.stat, weights, case.cfg(), exact)
+    impl.backward(z, target, stats.lse, stats.stat, weights, case.cfg(impl.name), exact)
     grad = torch.full_like(z, 7.0)
-    early = impl.forward(z, target, case.cfg(), EarlyGrad(weights, grad))
+    early = impl.forward(z, target, case.cfg(impl.name), EarlyGrad(weights, grad))
     for name, a, b in zip(stats._fields, early, stats):
         assert torch.equal(a, b), f"{name} differs with early"
     assert torch.equal(grad, exact)
@@ -247,8 +248,8 @@ def test_cpu_softcap_of_huge_logits_stays_finite():
     case = Case(3, 64, softcap=30.0, z=True)
     z, target, weights = _problem(case, torch.float32, device, _seed("huge", case), False)
     z = z * 3e3
-    stats = impl.forward(z, target, case.cfg())
+    stats = impl.forward(z, target, case.cfg(impl.name))
     grad = torch.full_like(z, 7.0)
-    impl.backward(z, target, stats.lse, stats.stat, weights, case.cfg(), grad)
+    impl.backward(z, target, stats.lse, stats.stat, weights, case.cfg(impl.name), grad)
     assert bool(torch.isfinite(grad).all())
     _check_reference(stats, grad, z, target, weights, case, torch.float32)

@@ -16,7 +16,7 @@ import pytest
 
 import intradistill_kernels
 from intradistill_kernels import available_backends, doctor
-from intradistill_kernels.ops import backend_available, cpp, unavailable_reason
+from intradistill_kernels.ops import available as backend_available, cpp, unavailable_reason
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from . import extension_spec as spec
-from .backend import EarlyGrad, RowsConfig, RowStats, RowWeights
+from . import extension_spec
+from .backend import EarlyGrad, RowStats, RowWeights
 from .rows import row_offsets
+from .spec import LossSpec
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 CSRC = PACKAGE_DIR.parent / "csrc"
@@ -90,7 +91,7 @@ def _load(kind: str) -> str:
 
 def _aot_library(kind: str) -> Path | None:
     """The ahead-of-time library of this part, if one was installed and fits this machine."""
-    info_path = PACKAGE_DIR / spec.AOT_INFO
+    info_path = PACKAGE_DIR / extension_spec.AOT_INFO
     if not info_path.is_file():
         return None
     try:
@@ -101,8 +102,8 @@ def _aot_library(kind: str) -> Path | None:
         _state[f"{kind}_aot_skipped"] = f"unreadable {info_path}: {exc}"
         return None
     library = PACKAGE_DIR / recorded["library"]
-    current = spec.build_identity(kind, _sources_dir(), torch.__version__, recorded["cxx"], recorded["cuda"])
-    differences = spec.identity_mismatch(recorded, current)
+    current = extension_spec.build_identity(kind, _sources_dir(), torch.__version__, recorded["cxx"], recorded["cuda"])
+    differences = extension_spec.identity_mismatch(recorded, current)
     if differences or not library.is_file():
         why = f"built for {', '.join(differences)}" if differences else "its file is missing"
         _state[f"{kind}_aot_skipped"] = f"ahead-of-time library {library} not used: {why}"
@@ -123,16 +124,16 @@ def _first_use_build(kind: str) -> str:
         if CUDA_HOME is None:
             raise _Unavailable("nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
     _ensure_ninja_on_path()
-    cxx, cuda = spec.cxx_flags(kind), spec.cuda_flags(kind)
-    identity = spec.build_identity(kind, _sources_dir(), torch.__version__, cxx, cuda)
-    name = f"{spec.FIRST_USE_NAMES[kind]}_{spec.identity_key(identity)}"
+    cxx, cuda = extension_spec.cxx_flags(kind), extension_spec.cuda_flags(kind)
+    identity = extension_spec.build_identity(kind, _sources_dir(), torch.__version__, cxx, cuda)
+    name = f"{extension_spec.FIRST_USE_NAMES[kind]}_{extension_spec.identity_key(identity)}"
     build_dir = Path(_get_build_directory(name, verbose=False))
     sources = _copy_sources(kind, build_dir / "src")
     if not (build_dir / f"{name}{LIB_EXT}").exists():
         print(f"intradistill-kernels: building the {kind} extension (first use only, about a minute)...",
               file=sys.stderr, flush=True)
     return load(name=name, sources=[str(s) for s in sources], extra_cflags=cxx, extra_cuda_cflags=cuda,
-                extra_ldflags=spec.ld_flags(kind), build_directory=str(build_dir), is_python_module=False,
+                extra_ldflags=extension_spec.ld_flags(kind), build_directory=str(build_dir), is_python_module=False,
                 verbose=False)
 
 
@@ -143,13 +144,13 @@ def _copy_sources(kind: str, dest: Path) -> list[Path]:
     build; files already there are left alone so that their times do not trigger a rebuild."""
     dest.mkdir(parents=True, exist_ok=True)
     src = _sources_dir()
-    for name in spec.SOURCES[kind] + spec.HEADERS[kind]:
+    for name in extension_spec.SOURCES[kind] + extension_spec.HEADERS[kind]:
         target = dest / name
         if not target.exists():
             tmp = dest / f".{name}.{os.getpid()}"
             shutil.copyfile(src / name, tmp)
             os.replace(tmp, target)  # atomic: a concurrent build never compiles a half-written file
-    return [dest / name for name in spec.SOURCES[kind]]
+    return [dest / name for name in extension_spec.SOURCES[kind]]
 
 
 def _ensure_ninja_on_path() -> None:
@@ -197,21 +198,64 @@ def _short(error: str) -> str:
     return head if len(head) <= 400 else head[:397] + "..."
 
 
+def _could_build(name: str) -> bool:
+    """Whether a build was attempted, so that the tools it needs are worth listing."""
+    if os.environ.get("INTRADISTILL_DISABLE_CPP", "0") not in ("", "0"):
+        return False
+    return name == "cpu" or torch.cuda.is_available()
+
+
+def _build_tools(name: str) -> list[str]:
+    if name == "cpu":
+        compiler = os.environ.get("CXX", "c++")
+        tools = {f"C++ compiler ({compiler})": shutil.which(compiler), "ninja": shutil.which("ninja")}
+    else:
+        tools = {"nvcc": shutil.which("nvcc") or _cuda_home_nvcc()}
+    return [f"{tool}: {path or 'not found'}" for tool, path in tools.items()]
+
+
+def _cuda_home_nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    path = os.path.join(home, "bin", "nvcc") if home else None
+    return path if path and os.path.exists(path) else None
+
+
 class _Backend:
+    """The "cpu" or "cuda" backend (interface: ops/backend.py)."""
+
     def __init__(self, kind: str):
-        self.kind = kind
+        self.kind = self.name = kind
 
     def is_available(self) -> bool:
         return _build(self.kind)
 
     def supports(self, t: torch.Tensor) -> bool:
-        return t.device.type == self.kind
+        return t.device.type == self.kind and t.dtype != torch.float64
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot be used (None when it can), in a line or a few."""
         if self.is_available():
             return None
         return _short(build_error(self.kind) or "the extension did not load")
+
+    def details(self) -> list[str]:
+        """doctor()'s lines under this backend: where its library came from, what it needs to
+        build, and the full build error when the one-line reason left part of it out."""
+        lines = []
+        origin = library_origin(self.kind)
+        if origin is not None:
+            lines.append(f"loaded from the {origin}")
+        if aot_skipped(self.kind):
+            lines.append(aot_skipped(self.kind))
+        reason = self.unavailable_reason()
+        if reason is not None:
+            error = build_error(self.kind) or ""
+            if error and error != reason:
+                lines.append("build error:")
+                lines += [f"  {line}" for line in error.splitlines()[-40:]]
+            if _could_build(self.kind):
+                lines += _build_tools(self.kind)
+        return lines
 
     @property
     def max_passes(self) -> int | None:
@@ -221,7 +265,7 @@ class _Backend:
             self.is_available()
         return _state.get(f"{self.kind}_max_passes")  # type: ignore[return-value]
 
-    def forward(self, logits, target, cfg: RowsConfig, early: EarlyGrad | None = None) -> RowStats:
+    def forward(self, logits, target, cfg: LossSpec, early: EarlyGrad | None = None) -> RowStats:
         w_ce = w_div = w_z = grad = grad_off = None
         if early is not None:
             w_ce, w_div, w_z = (None if w is None else w.float().contiguous() for w in early.weights)
@@ -230,7 +274,7 @@ class _Backend:
             logits, row_offsets(logits), target, cfg.js, cfg.label_smoothing, cfg.has_ce, cfg.logit_scale,
             cfg.softcap, w_ce, w_div, w_z, grad, grad_off))
 
-    def backward(self, logits, target, lse, stat, weights: RowWeights, cfg: RowsConfig, grad) -> None:
+    def backward(self, logits, target, lse, stat, weights: RowWeights, cfg: LossSpec, grad) -> None:
         w_ce, w_div, w_z = (None if w is None else w.float().contiguous() for w in weights)
         torch.ops.intradistill_cpp.backward(logits, row_offsets(logits), target, lse, stat, w_ce, w_div, w_z, cfg.js,
                                             cfg.label_smoothing, cfg.has_ce, cfg.logit_scale, cfg.softcap, grad,

@@ -1,4 +1,4 @@
-"""Launchers of the Triton kernels: the "triton" fused backend (interface: ops/backend.py).
+"""Launchers of the Triton kernels: the "triton" backend (interface: ops/backend.py).
 
 One program per token; element offsets of the rows come from ops.rows.row_offsets, so any
 strided view is read without a copy.
@@ -11,8 +11,9 @@ import os
 
 import torch
 
-from ..backend import EarlyGrad, RowsConfig, RowStats, RowWeights
+from ..backend import EarlyGrad, RowStats, RowWeights
 from ..rows import row_offsets
+from ..spec import LossSpec
 
 # fp32 values a thread holds per [K_PAD, BLOCK_V] temporary; above this the compiler spills.
 # 16-bit inputs at K_PAD = 8 need all 64 to keep one 16-byte load per row with every warp along V:
@@ -60,24 +61,8 @@ def forward_register_limit(num_warps: int, k: int, element_size: int, smooth: bo
     return register_limit(num_warps, programs_per_sm(True, k, element_size, smooth, softcap, early))
 
 
-# Any K: a token's rows are one [K_PAD, BLOCK_V] tile whose width shrinks as K grows.
-max_passes = None
-
-
-def is_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return interpret_mode() or torch.cuda.is_available()
-
-
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def supports(t: torch.Tensor) -> bool:
-    return t.is_cuda or (interpret_mode() and t.device.type == "cpu")
 
 
 def _next_pow2(x: int) -> int:
@@ -119,7 +104,7 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _constants(cfg: RowsConfig, k: int, v: int, element_size: int, has_z: bool, forward: bool = False,
+def _constants(cfg: LossSpec, k: int, v: int, element_size: int, has_z: bool, forward: bool = False,
                early: bool = False) -> dict:
     launch = launch_config(k, v, element_size)
     if forward:
@@ -128,7 +113,7 @@ def _constants(cfg: RowsConfig, k: int, v: int, element_size: int, has_z: bool, 
                 HAS_Z=has_z, **launch)
 
 
-def _options(cfg: RowsConfig) -> tuple:
+def _options(cfg: LossSpec) -> tuple:
     return cfg.label_smoothing, cfg.logit_scale, cfg.softcap
 
 
@@ -140,7 +125,7 @@ def _weight_ptrs(weights: RowWeights) -> tuple:
     return ce, div, z
 
 
-def forward(logits: torch.Tensor, target: torch.Tensor, cfg: RowsConfig, early: EarlyGrad | None = None) -> RowStats:
+def _forward(logits: torch.Tensor, target: torch.Tensor, cfg: LossSpec, early: EarlyGrad | None = None) -> RowStats:
     """Each row's statistics; with `early`, also the gradient with early.weights, written into
     early.grad by the same program right after (the one-pass forward of kernels.py)."""
     from .kernels import _forward_kernel
@@ -172,7 +157,7 @@ def forward(logits: torch.Tensor, target: torch.Tensor, cfg: RowsConfig, early: 
     return out
 
 
-def backward(logits, target, lse, stat, weights: RowWeights, cfg: RowsConfig, grad) -> None:
+def _backward(logits, target, lse, stat, weights: RowWeights, cfg: LossSpec, grad) -> None:
     from .kernels import _backward_kernel
 
     k, v = logits.shape[0], logits.shape[-1]
@@ -185,3 +170,36 @@ def backward(logits, target, lse, stat, weights: RowWeights, cfg: RowsConfig, gr
             n, v, logits.stride(0), logits.stride(-1), grad.stride(0), grad.stride(-1), *_options(cfg),
             ALIGN=row_alignment(logits, grad), **_constants(cfg, k, v, logits.element_size(), weights.z is not None),
         )
+
+
+class TritonBackend:
+    """The "triton" backend: compiled kernels on CUDA tensors, the interpreter on CPU tensors
+    under TRITON_INTERPRET=1."""
+
+    name = "triton"
+    max_passes = None  # any K: a token's rows are one [K_PAD, BLOCK_V] tile whose width shrinks as K grows
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton not installed (pip install triton)"
+        except Exception as exc:  # a broken install (mismatched torch/triton, missing driver libraries)
+            return f"triton failed to import: {type(exc).__name__}: {exc}"
+        if interpret_mode() or torch.cuda.is_available():
+            return None
+        return "no CUDA device and TRITON_INTERPRET unset"
+
+    def supports(self, t: torch.Tensor) -> bool:
+        return t.dtype != torch.float64 and (t.is_cuda or (interpret_mode() and t.device.type == "cpu"))
+
+    def details(self) -> list[str]:
+        if interpret_mode() and self.unavailable_reason() is None:
+            return ["TRITON_INTERPRET is set: the kernels run in the (slow) interpreter on CPU tensors"]
+        return []
+
+    forward = staticmethod(_forward)
+    backward = staticmethod(_backward)
+
+
+backend = TritonBackend()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
+
 BLOCK = 4096
 
 
-def usable(t: torch.Tensor) -> bool:
+def _usable(t: torch.Tensor) -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -41,7 +43,7 @@ def _kernel():
 _compiled = None
 
 
-def scale_unless_one_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+def _scale_unless_one(grad: torch.Tensor, factor: torch.Tensor) -> None:
     global _compiled
     if _compiled is None:
         _compiled = _kernel()
@@ -51,3 +53,16 @@ def scale_unless_one_(grad: torch.Tensor, factor: torch.Tensor) -> None:
     with torch.cuda.device(grad.device):
         _compiled[(-(-numel // BLOCK),)](grad, factor.to(device=grad.device, dtype=torch.float32).reshape(1), numel,
                                          BLOCK=BLOCK)
+
+
+@torch.library.custom_op("intradistill::scale_", mutates_args=("grad",))
+def scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad *= factor, leaving grad untouched where factor == 1 (what loss.backward() passes).
+    On the CPU the factor is read directly; on a GPU the Triton kernel above tests it on the device."""
+    if checks.host_reads_are_free(grad.device):
+        if float(factor) != 1.0:
+            grad.mul_(factor.to(grad.dtype))
+    elif _usable(grad):
+        _scale_unless_one(grad, factor)
+    else:
+        grad.mul_(factor.to(grad.dtype))
