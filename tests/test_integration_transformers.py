@@ -282,3 +282,27 @@ def test_adaptive_alpha_rejects_none_and_nan_steps():
 def test_arguments_are_checked_when_made(kwargs, error, name):
     with pytest.raises(error, match=name):
         IntraDistillationArguments(**kwargs)
+
+
+def test_question_answering_z_loss_and_label_smoothing(tmp_path):
+    """QA takes z_loss (the squared log-sum-exp over the unmasked positions) and refuses label
+    smoothing, which would put target mass on the masked padding."""
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering(_config(2))
+    trainer = _trainer(model, tmp_path, IntraDistillationArguments(passes=K, alpha=0.5, z_loss=0.1))
+    batch = _batch()
+    starts, ends = torch.tensor([1, 2, 0, 4]), torch.tensor([3, 2, 1, 6])
+
+    def manual(m):
+        out = m(**repeat_batch(batch, K))
+        pad = (batch["attention_mask"] == 0).unsqueeze(0)
+        total = 0
+        for logits, target in ((out.start_logits, starts), (out.end_logits, ends)):
+            logits = logits.unflatten(0, (K, -1)).masked_fill(pad, torch.finfo(torch.float32).min / 4)
+            total = total + intra_distillation_loss(logits, target, 0.5, z_loss=0.1, reduction="sum").loss
+        return total / 8
+
+    _compare(model, trainer, {**batch, "start_positions": starts, "end_positions": ends}, manual)
+    assert trainer._sums["z_loss"] > 0
+    with pytest.raises(ValueError, match="label smoothing over positions"):
+        _trainer(model, tmp_path, label_smoothing_factor=0.1)
