@@ -2,7 +2,7 @@
 accumulation, compared with transformers' own results on tiny models built from configs."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_fused_linear import _LargestAllocation
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,19 +96,7 @@ def _perturb_passes(model, k):
     return emb.register_forward_hook(hook)
 
 
-class LargestAllocation(TorchDispatchMode):
-    """The number of elements of the largest tensor any operation produced while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
+LargestAllocation = _LargestAllocation  # the largest tensor any operation produced while active
 
 
 @pytest.mark.parametrize("build,smoothing", [(lambda: _llama(), 0.0), (lambda: _llama(tied=True), 0.0),
