@@ -103,6 +103,17 @@ def test_token_classification_ignores_minus_100(tmp_path):
     _compare(model, trainer, inputs, manual)
 
 
+def _qa_reference(model, batch, starts, ends, alpha, **options):
+    """The mean over the 2 x 4 start and end targets of the loss on padding-masked logits."""
+    out = model(**repeat_batch(batch, K))
+    pad = (batch["attention_mask"] == 0).unsqueeze(0)
+    total = 0
+    for logits, target in ((out.start_logits, starts), (out.end_logits, ends)):
+        logits = logits.unflatten(0, (K, -1)).masked_fill(pad, torch.finfo(torch.float32).min / 4)
+        total = total + intra_distillation_loss(logits, target, alpha, reduction="sum", **options).loss
+    return total / 8
+
+
 def test_question_answering_masks_padding(tmp_path):
     torch.manual_seed(0)
     model = transformers.BertForQuestionAnswering(_config(2))
@@ -111,16 +122,7 @@ def test_question_answering_masks_padding(tmp_path):
     starts, ends = torch.tensor([1, 2, 0, 4]), torch.tensor([3, 2, 1, 6])
     inputs = {**batch, "start_positions": starts, "end_positions": ends}
 
-    def manual(m):
-        out = m(**repeat_batch(batch, K))
-        pad = (batch["attention_mask"] == 0).unsqueeze(0)
-        total = 0
-        for logits, target in ((out.start_logits, starts), (out.end_logits, ends)):
-            logits = logits.unflatten(0, (K, -1)).masked_fill(pad, torch.finfo(torch.float32).min / 4)
-            total = total + intra_distillation_loss(logits, target, 1.0).loss / 2
-        return total
-
-    _compare(model, trainer, inputs, manual)
+    _compare(model, trainer, inputs, lambda m: _qa_reference(m, batch, starts, ends, 1.0))
 
 
 def test_repeat_batch_copies_not_aliases():
@@ -282,3 +284,19 @@ def test_adaptive_alpha_rejects_none_and_nan_steps():
 def test_arguments_are_checked_when_made(kwargs, error, name):
     with pytest.raises(error, match=name):
         IntraDistillationArguments(**kwargs)
+
+
+def test_question_answering_z_loss_and_label_smoothing(tmp_path):
+    """QA takes z_loss (the squared log-sum-exp over the unmasked positions) and refuses label
+    smoothing, which would put target mass on the masked padding."""
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering(_config(2))
+    trainer = _trainer(model, tmp_path, IntraDistillationArguments(passes=K, alpha=0.5, z_loss=0.1))
+    batch = _batch()
+    starts, ends = torch.tensor([1, 2, 0, 4]), torch.tensor([3, 2, 1, 6])
+
+    _compare(model, trainer, {**batch, "start_positions": starts, "end_positions": ends},
+             lambda m: _qa_reference(m, batch, starts, ends, 0.5, z_loss=0.1))
+    assert trainer._sums["z_loss"] > 0
+    with pytest.raises(ValueError, match="label smoothing over positions"):
+        _trainer(model, tmp_path, label_smoothing_factor=0.1)

@@ -125,3 +125,24 @@ def test_lora_on_lm_head_is_refused_with_the_remedy(tmp_path, text):
         trainer.compute_loss(model, _batch(tok, pairs[:2]))
     trainer.intra_args.fused_linear = False  # the materialised path scores the adapted logits
     assert torch.isfinite(trainer.compute_loss(model, _batch(tok, pairs[:2])))
+
+
+def _disabled_dropout(args):
+    args.disable_dropout = True  # TRL's preference trainers have it; SFTConfig 1.16 does not
+    return args
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: setattr(a, "loss_type", "dft") or a, "loss_type='dft'.*set loss_type='nll'"),
+    (lambda a: setattr(a, "padding_free", True) or a, "padding-free.*padding_free=False"),
+    (lambda a: setattr(a, "packing", True) or a, "packing_strategy='wrapped'"),
+    (_disabled_dropout, "disable_dropout=False"),
+], ids=["dft", "padding-free", "bfd-packing", "disable-dropout"])
+def test_sft_config_conflicts_are_refused_before_data_preparation(tmp_path, text, change, match):
+    pairs, tok = text
+    args = change(_sft_args(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        IntraDistillationSFTTrainer(model=_llama(tok), args=args, train_dataset=None, processing_class=tok)
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        IntraDistillationSFTTrainer(model=_llama(tok), args=_sft_args(tmp_path), processing_class=tok,
+                                    compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss)

@@ -2,6 +2,7 @@
 
     python -m examples.llm.sft --model Qwen/Qwen2.5-0.5B --dataset trl-lib/Capybara --bf16 --passes 3
     python -m examples.llm.sft --model tiny            # offline: tiny Llama, real de-en instructions
+    torchrun --nproc-per-node 8 -m examples.llm.sft --model Qwen/Qwen2.5-7B --dataset trl-lib/Capybara --bf16 --fsdp
 
 With a hub id or a local path, the model, its tokenizer and (with --dataset) a hub dataset in a
 format TRL reads (`messages`, `prompt`/`completion` or `text` columns) are loaded with transformers
@@ -41,11 +42,35 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    shard = p.add_mutually_exclusive_group()
+    shard.add_argument("--fsdp", action="store_true",
+                       help="FSDP2 (fully_shard, one unit per decoder layer) over the processes of torchrun / "
+                            "accelerate launch; the loss runs inside the forward, where the output layer is gathered")
+    shard.add_argument("--deepspeed", action="store_true",
+                       help="DeepSpeed ZeRO-3 over the processes of the launcher (needs `pip install deepspeed`)")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (offline runs)")
     p.add_argument("--output-dir", default="runs/llm-sft")
     return p.parse_args(argv)
+
+
+# ZeRO-3 with the batch sizes, precision and clipping taken from the Trainer's arguments.
+ZERO3 = {"zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True},
+         "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+
+
+def sharding(args) -> dict:
+    """SFTConfig arguments of the --fsdp / --deepspeed strategies."""
+    if args.fsdp:
+        # each decoder layer (the model's _no_split_modules) is a unit of its own; the
+        # embeddings, the final norm and the output layer (tied or not) form the root unit
+        return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                                              "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
+    if args.deepspeed:
+        return {"deepspeed": ZERO3}
+    return {}
 
 
 def tiny_model(tokenizer, dropout: float):
@@ -105,7 +130,7 @@ def main(argv=None) -> dict:
         learning_rate=args.lr or (3e-3 if args.model == "tiny" else 2e-5), lr_scheduler_type="cosine",
         warmup_steps=0.05, max_length=args.max_length, bf16=args.bf16, logging_steps=args.logging_steps,
         gradient_checkpointing=args.gradient_checkpointing, save_strategy="no", report_to=[], seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, **sharding(args))
     common = dict(model=model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
     if args.method == "baseline":
         trainer = SFTTrainer(**common)
@@ -113,12 +138,18 @@ def main(argv=None) -> dict:
         intra = IntraDistillationArguments(passes=args.passes, alpha=args.alpha, divergence=args.divergence,
                                            adaptive=args.alpha > 1)
         trainer = IntraDistillationSFTTrainer(**common, intra_args=intra)
+    if args.fsdp and trainer.accelerator.distributed_type != "FSDP":
+        # accelerate shards with FSDP on GPUs (and other accelerators) only: elsewhere it would
+        # silently train with plain data parallelism
+        raise ValueError(f"--fsdp needs several accelerator processes (torchrun / accelerate launch on GPUs); this "
+                         f"launch runs {trainer.accelerator.distributed_type} (accelerate has no FSDP on CPU)")
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
     metrics = trainer.evaluate()
     result = {
-        "model": args.model, "dataset": args.dataset or "trans-de-en instructions (offline)", "method": args.method,
+        "model": args.model, "sharding": "fsdp2" if args.fsdp else "zero3" if args.deepspeed else None,
+        "processes": trainer.args.world_size, "wrapped": type(trainer.model_wrapped).__name__, "dataset": args.dataset or "trans-de-en instructions (offline)", "method": args.method,
         "passes": args.passes if args.method != "baseline" else 1, "alpha": args.alpha,
         "steps": trainer.state.global_step, "train_rows": len(train), "eval_rows": len(evaluation),
         "eval_loss": metrics["eval_loss"], "train_seconds": round(train_seconds, 1),
@@ -126,9 +157,10 @@ def main(argv=None) -> dict:
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("model", "method", "steps", "eval_loss", "train_seconds")}))
+    if trainer.is_world_process_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: result[k] for k in ("model", "method", "sharding", "steps", "eval_loss", "train_seconds")}))
     return result
 
 

@@ -1,4 +1,5 @@
-"""The output layer of a Hugging Face language model, read for the fused-linear loss.
+"""The output layer of a Hugging Face language model, scored by the fused-linear loss inside the
+model's forward.
 
 The fused loss needs the hidden states that enter the output layer and that layer's weight and
 bias, while the model's forward must not compute the [K, B, T, V] logits. A forward pre-hook on the
@@ -6,30 +7,32 @@ output layer takes its input (so whatever the architecture does before it is kep
 d_model**-0.5 rescale of tied embeddings, a final norm, ...) and hands the layer zero positions, or
 one position per row when the result is to be checked against the model's own logits.
 What an architecture does after the output layer has to be reproduced explicitly: the bias buffer
-of BART / Marian / mBART / Pegasus (`final_logits_bias`) is; logit soft-capping and logit scales
-are passed to the loss when it supports them, and refused otherwise.
+of BART / Marian / mBART / Pegasus (`final_logits_bias`), logit soft-capping and logit scales.
+
+The loss itself runs in a second call of the output layer (`layer_loss`), whose forward is the
+fused loss: the frameworks that shard the weight gather it around a module call, so the weight is
+whole there and its gradient goes to their reduction. FSDP2 unshards the unit (the root, or the
+layer's own unit) and hooks the loss for its backward; DeepSpeed ZeRO-3 fetches the module's
+parameters, and `GatheredParameters` covers a weight owned by a child module (PEFT's
+modules_to_save copy). A weight that is still a DTensor there is sharded by tensor parallelism.
 """
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from intradistill_kernels import fused_linear_intra_distillation_loss
+from intradistill_kernels import IntraDistillationOutput, fused_linear_intra_distillation_loss
 
-__all__ = ["OutputLayer", "capture_output_layer_input", "check_not_sharded", "output_layer_of"]
+__all__ = ["OutputLayer", "capture_output_layer_input", "check_layer_reachable", "check_probe", "layer_loss",
+           "output_layer_of"]
 
-# Config options that change the logits after the output layer, as read by TRL's fused LM head:
-# (option, how it maps onto the loss's logit_scale; None for soft-capping).
+# Config options that change the logits after the output layer, as read by TRL's fused LM head.
 _SCALE_OPTIONS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 _SOFTCAP_OPTION = "final_logit_softcapping"
-
-
-def _loss_options() -> set[str]:
-    return set(inspect.signature(fused_linear_intra_distillation_loss).parameters)
 
 
 def _text_config(model):
@@ -40,13 +43,12 @@ def _text_config(model):
 
 def _logit_transform(model) -> dict:
     """The softcap / logit_scale keyword arguments that reproduce what `model` does to the output
-    layer's result; ValueError when the loss functions cannot express it."""
+    layer's result."""
     config = _text_config(model)
-    name = type(model).__name__
-    found = {}
+    kwargs = {}
     softcap = getattr(config, _SOFTCAP_OPTION, None)
     if softcap is not None:
-        found["softcap"] = (float(softcap), f"{_SOFTCAP_OPTION}={softcap}")
+        kwargs["softcap"] = float(softcap)
     for option in _SCALE_OPTIONS:
         value = getattr(config, option, None)
         if value is None or isinstance(value, bool):
@@ -55,18 +57,8 @@ def _logit_transform(model) -> dict:
         if option == "logits_scaling":  # Granite, MiniCPM3 divide; HyperCLOVA X multiplies
             scale = scale if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / scale
         if scale != 1.0:
-            found["logit_scale"] = (scale, f"{option}={value}")
+            kwargs["logit_scale"] = scale
         break
-    supported = _loss_options()
-    kwargs = {}
-    for key, (value, where) in found.items():
-        if key not in supported:
-            raise ValueError(
-                f"{name} changes its logits after the output layer ({where} in its config), which this "
-                f"version's fused_linear_intra_distillation_loss cannot apply (no `{key}` option): training it "
-                "would optimise a different objective. Set IntraDistillationArguments(fused_linear=False) to "
-                "use the model's own logits, or use a model without this option.")
-        kwargs[key] = value
     return kwargs
 
 
@@ -95,6 +87,7 @@ class OutputLayer:
     linear: nn.Module       # the module whose weight and bias are read
     extra_bias: Tensor | None
     loss_kwargs: dict
+    model_name: str
 
     @property
     def weight(self) -> Tensor:
@@ -111,7 +104,7 @@ class OutputLayer:
         """What the model's logits are for `hidden` (used to check this description, in fp32)."""
         w = self.weight.detach().float()
         b = self.bias()
-        z = hidden.detach().float() @ w.T
+        z = hidden.detach().float().reshape(-1, w.shape[1]) @ w.T
         if b is not None:
             z = z + b.detach().float()
         z = z * self.loss_kwargs.get("logit_scale", 1.0)
@@ -138,29 +131,7 @@ def output_layer_of(model: nn.Module) -> OutputLayer:
         raise ValueError(f"{name}'s output layer {type(linear).__name__} has no [V, H] weight; set "
                          "IntraDistillationArguments(fused_linear=False)")
     extra = getattr(model, "final_logits_bias", None)
-    return OutputLayer(module, linear, extra if isinstance(extra, Tensor) else None, _logit_transform(model))
-
-
-def check_not_sharded(weight: Tensor, model_name: str) -> None:
-    """The fused loss reads the output weight after the model's forward has returned. Under FSDP2 or
-    DeepSpeed ZeRO-3 it is then a shard, and a gradient written to it would bypass the framework's
-    reduction: refuse instead of training on a slice of the vocabulary."""
-    remedy = ("Set IntraDistillationArguments(fused_linear=False) (the loss then runs on the logits the "
-              "model's own forward computes, with the weight gathered by the framework), or train with a "
-              "strategy that keeps the output layer whole (DDP, FSDP without sharding lm_head, ZeRO stage 1/2).")
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        DTensor = ()
-    if DTensor and isinstance(weight, DTensor):
-        raise ValueError(f"{model_name}'s output weight is a sharded DTensor (FSDP2 / tensor parallel, placements "
-                         f"{tuple(weight.placements)}): the fused-linear loss cannot read it outside the module's "
-                         f"forward. {remedy}")
-    if hasattr(weight, "ds_id") and (weight.numel() == 0 or getattr(weight, "ds_status", None) is not None
-                                     and "AVAILABLE" not in str(weight.ds_status)):
-        raise ValueError(f"{model_name}'s output weight is partitioned by DeepSpeed ZeRO-3 (ds_shape "
-                         f"{tuple(getattr(weight, 'ds_shape', ()))}): the fused-linear loss cannot read it "
-                         f"outside the module's forward. {remedy}")
+    return OutputLayer(module, linear, extra if isinstance(extra, Tensor) else None, _logit_transform(model), name)
 
 
 class capture_output_layer_input:
@@ -200,14 +171,14 @@ class capture_output_layer_input:
         return False
 
 
-def check_probe(layer: OutputLayer, probe_hidden: Tensor, model_logits: Tensor, model_name: str,
-                autocast: bool = False) -> None:
+def check_probe(layer: OutputLayer, probe_hidden: Tensor, model_logits: Tensor, autocast: bool = False) -> None:
     """The model's own logits on the probed positions must equal what the fused path computes: the
     last guard against an architecture doing something after its output layer that is not known here."""
+    name = layer.model_name
     want = model_logits.detach().float().reshape(-1, model_logits.shape[-1])
     got = layer.logits(probe_hidden).reshape(-1, want.shape[-1])
     if got.shape != want.shape:
-        raise ValueError(f"{model_name}'s logits have shape {tuple(model_logits.shape)}, not what its output layer "
+        raise ValueError(f"{name}'s logits have shape {tuple(model_logits.shape)}, not what its output layer "
                          "gives; set IntraDistillationArguments(fused_linear=False)")
     dtypes = (probe_hidden.dtype, layer.weight.dtype, model_logits.dtype)
     sixteen = torch.bfloat16 in dtypes or torch.float16 in dtypes or autocast  # the model's GEMM ran in 16 bits
@@ -216,6 +187,114 @@ def check_probe(layer: OutputLayer, probe_hidden: Tensor, model_logits: Tensor, 
     scale = want.abs().max().item() + 1.0
     if not math.isfinite(err) or err > tol * scale:
         raise ValueError(
-            f"{model_name}'s logits differ from hidden @ lm_head.weight.T (+ bias) by {err:.3g} (at logit scale "
+            f"{name}'s logits differ from hidden @ lm_head.weight.T (+ bias) by {err:.3g} (at logit scale "
             f"{scale:.3g}): the architecture changes its logits after the output layer in a way the fused-linear "
             "loss does not reproduce. Set IntraDistillationArguments(fused_linear=False).")
+
+
+# ---------------------------------------------------------------------------- the loss call
+
+
+def _fsdp_unit(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+def _zero3_gathered(*params):
+    """DeepSpeed ZeRO-3 fetches a module's own parameters around its call; a weight owned by a
+    child module (PEFT's modules_to_save copy) is gathered here for the loss (its gradient is
+    computed during the forward, so the backward does not read it again)."""
+    pending = {id(p): p for p in params if p is not None and hasattr(p, "ds_id")
+               and "AVAILABLE" != getattr(getattr(p, "ds_status", None), "name", "AVAILABLE")}
+    if not pending:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(pending.values()))
+
+
+def _refuse_tensor_parallel(weight: Tensor, model_name: str) -> None:
+    # The one place where a vocabulary-sharded weight will go to the vocabulary-parallel loss.
+    if _dtensor(weight):
+        raise ValueError(
+            f"{model_name}'s output weight is a DTensor inside the forward (placements {tuple(weight.placements)}): "
+            "a tensor-parallel output layer, which the fused-linear loss does not take yet. Leave the output layer "
+            "out of the tensor-parallel plan (FSDP2 and DeepSpeed ZeRO-3 sharding are supported), or set "
+            "IntraDistillationArguments(fused_linear=False) with a plan whose output layer returns whole logits "
+            "(ColwiseParallel(output_layouts=Replicate())).")
+
+
+def check_layer_reachable(layer: OutputLayer) -> None:
+    """Before the model runs: an output weight that is a DTensor outside an FSDP2 unit (whose call
+    unshards it) is sharded by tensor parallelism, and the model's own call of the layer would
+    already fail on it."""
+    if not (_fsdp_unit(layer.module) or _fsdp_unit(layer.linear)):
+        _refuse_tensor_parallel(layer.weight, layer.model_name)
+
+
+def _fused(layer: OutputLayer, hidden: Tensor, target: Tensor, alpha, options: dict,
+           autocast_dtype: torch.dtype | None) -> IntraDistillationOutput:
+    weight, bias = layer.weight, layer.bias()
+    _refuse_tensor_parallel(weight, layer.model_name)
+    # Under autocast the output layer would have run in the autocast dtype: so does the fused GEMM,
+    # while the loss itself accumulates in fp32 (the kernels never see autocast).
+    dtype = autocast_dtype or weight.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    device_type = hidden.device.type
+    off = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+    with off:
+        return fused_linear_intra_distillation_loss(hidden, weight, target.to(hidden.device), bias, alpha,
+                                                    **layer.loss_kwargs, **options)
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward):
+    had = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = previous
+        else:
+            del module.forward
+
+
+def layer_loss(layer: OutputLayer, hidden: Tensor, passes: int, target: Tensor, alpha, options: dict, *,
+               autocast_dtype: torch.dtype | None = None, probe: tuple[Tensor, Tensor] | None = None
+               ) -> IntraDistillationOutput:
+    """The fused-linear loss of `hidden` ([K*B, ..., H], the output layer's input of the K passes)
+    computed in a call of the output layer, so that the weight is whole and its gradient is
+    reduced by whatever shards it. probe: (the probed hidden, the model's logits there), checked
+    while the weight is whole."""
+    # An FSDP2 unit on the trained copy itself is called directly, so that its hooks unshard it.
+    caller = layer.linear if layer.linear is not layer.module and _fsdp_unit(layer.linear) else layer.module
+    result = []
+
+    def forward(h, *args, **kwargs):
+        with _zero3_gathered(layer.weight, getattr(layer.linear, "bias", None)):
+            if probe is not None:
+                check_probe(layer, *probe, autocast=autocast_dtype is not None)
+            out = _fused(layer, h.unflatten(0, (passes, -1)), target, alpha, options, autocast_dtype)
+        result.append(out)
+        return out.loss
+
+    with _forward_replaced(caller, forward):
+        # the loss that comes back has been through the framework's hooks (its backward re-gathers)
+        loss = caller(hidden)
+    out = result[0]
+    return IntraDistillationOutput(loss, out.ce.detach(), out.divergence.detach(),
+                                   None if out.z_loss is None else out.z_loss.detach())
