@@ -287,19 +287,38 @@ def assemble(spec: LossSpec, rows, loss: Tensor, coef: Tensor, batch_shape) -> I
     return IntraDistillationOutput(loss, scale * ce.sum(), scale * div.sum(), z)
 
 
-def logits_loss(logits: Tensor, target: Tensor, active: Tensor, alpha, spec: LossSpec, batch_shape) -> IntraDistillationOutput:
-    """The loss of logits [K, *B, V] (or this rank's shard of them when spec.group is set)."""
-    alpha = check_scalar("alpha", alpha)
-    coef = coefficients(alpha, active, spec, compute_dtype(logits.dtype))
+def logits_loss(logits: Tensor, target: Tensor | None, alpha, options: dict, name: str = "logits") -> IntraDistillationOutput:
+    """The loss of logits [K, *B, V] (or this rank's shard of them, with options["group"]).
+    options: the public keyword options (backend and inplace_grad among them); target None with
+    options["mask"]: a divergence function (no cross-entropy term)."""
+    k, batch_shape, _ = check_logits(logits, name)
+    mask = options.pop("mask", None)
+    if target is None:
+        active = check_mask(mask, batch_shape, logits.device)
+        target = torch.zeros(active.shape, dtype=torch.long, device=logits.device)
+        options["has_ce"] = False
+    else:
+        target, active = check_target(target, batch_shape, options.get("ignore_index", -100), logits.device)
+    spec = build_spec(backend=pick_backend(options.pop("backend"), logits, k),
+                      inplace=check_inplace(options.pop("inplace_grad", False), logits),
+                      one_pass=one_pass_applies(options.get("reduction", "mean"), logits), **options)
+    coef = coefficients(check_scalar("alpha", alpha), active, spec, compute_dtype(logits.dtype))
     ce, div, zsq, loss = LogitsLoss.apply(logits, target, active, coef, spec)
     return assemble(spec, (ce, div, zsq), loss, coef, batch_shape)
 
 
-def linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, active: Tensor, alpha,
-                spec: LossSpec, batch_shape) -> IntraDistillationOutput:
-    """The loss of hidden [K, *B, H] @ weight.T + bias, chunk by chunk (ops/linear_loss.py)."""
-    alpha = check_scalar("alpha", alpha)
-    coef = coefficients(alpha, active, spec, compute_dtype(hidden.dtype))
+def linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, alpha,
+                options: dict) -> IntraDistillationOutput:
+    """The loss of hidden [K, *B, H] @ weight.T + bias, chunk by chunk (ops/linear_loss.py);
+    options as for logits_loss."""
+    k, batch_shape, _ = check_logits(hidden, "hidden")
+    check_output_layer(hidden, weight, bias)
+    target, active = check_target(target, batch_shape, options.get("ignore_index", -100), hidden.device)
+    # The GEMM's output is fp32 (float64 for float64): that is what the backend reads.
+    rows_dtype = compute_dtype(hidden.dtype)
+    spec = build_spec(backend=pick_backend(options.pop("backend"), hidden.new_empty(0, dtype=rows_dtype), k),
+                      one_pass=one_pass_applies(options.get("reduction", "mean"), hidden, weight, bias), **options)
+    coef = coefficients(check_scalar("alpha", alpha), active, spec, rows_dtype)
     ce, div, zsq, loss = LinearLoss.apply(hidden, weight, bias, target, active, coef, spec)
     return assemble(spec, (ce, div, zsq), loss, coef, batch_shape)
 

@@ -15,10 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._core import (
-    IntraDistillationOutput, build_spec, check_logits, check_mask, check_output_layer, check_target,
-    linear_loss, logits_loss, one_pass_applies, pick_backend,
-)
+from ._core import IntraDistillationOutput, linear_loss, logits_loss
 
 Tensor = torch.Tensor
 
@@ -47,28 +44,18 @@ def vocab_parallel_intra_distillation_loss(
     order; shards may differ in size); target [*B] holds global class ids. Label smoothing is over
     the global V. Every rank gets the full loss, and the gradient of its own shard.
     """
-    name = _group_name(group)
-    k, batch_shape, _ = check_logits(logits_shard, "logits_shard")
-    target, active = check_target(target, batch_shape, ignore_index, logits_shard.device)
-    spec = build_spec(backend=pick_backend(backend, logits_shard, k), divergence=divergence,
-                      label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-                      logit_scale=logit_scale, z_loss=z_loss, group=name,
-                      one_pass=one_pass_applies(reduction, logits_shard))
-    return logits_loss(logits_shard, target, active, alpha, spec, batch_shape)
+    options = dict(divergence=divergence, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                   reduction=reduction, backend=backend, softcap=softcap, logit_scale=logit_scale, z_loss=z_loss,
+                   group=_group_name(group))
+    return logits_loss(logits_shard, target, alpha, options, "logits_shard")
 
 
 def vocab_parallel_x_divergence(logits_shard: Tensor, mask: Tensor | None = None, reduction: str = "mean",
                                 group=None, backend: str = "auto", *, divergence: str = "x") -> Tensor:
     """x_divergence (or, with divergence="js", js_divergence) over logits sharded along the
     vocabulary (see vocab_parallel_intra_distillation_loss)."""
-    name = _group_name(group)
-    k, batch_shape, _ = check_logits(logits_shard, "logits_shard")
-    active = check_mask(mask, batch_shape, logits_shard.device)
-    spec = build_spec(backend=pick_backend(backend, logits_shard, k), divergence=divergence, has_ce=False,
-                      reduction=reduction, group=name,
-                      one_pass=one_pass_applies(reduction, logits_shard))
-    target = torch.zeros(active.shape, dtype=torch.long, device=logits_shard.device)
-    return logits_loss(logits_shard, target, active, 1.0, spec, batch_shape).loss
+    options = dict(mask=mask, reduction=reduction, backend=backend, divergence=divergence, group=_group_name(group))
+    return logits_loss(logits_shard, None, 1.0, options, "logits_shard").loss
 
 
 def _local_shard(weight, bias, group):
@@ -112,13 +99,7 @@ def vocab_parallel_fused_linear_intra_distillation_loss(
     bias.grad are this rank's slice of the unsharded gradient.
     """
     weight, bias, group = _local_shard(weight, bias, group)
-    name = _group_name(group)
-    k, batch_shape, _ = check_logits(hidden, "hidden")
-    check_output_layer(hidden, weight, bias)
-    target, active = check_target(target, batch_shape, ignore_index, hidden.device)
-    logits_like = hidden.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-    spec = build_spec(backend=pick_backend(backend, logits_like, k), divergence=divergence,
-                      label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-                      logit_scale=logit_scale, z_loss=z_loss, chunk_size=chunk_size, group=name,
-                      one_pass=one_pass_applies(reduction, hidden, weight, bias))
-    return linear_loss(hidden, weight, bias, target, active, alpha, spec, batch_shape)
+    options = dict(divergence=divergence, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                   reduction=reduction, backend=backend, chunk_size=chunk_size, softcap=softcap,
+                   logit_scale=logit_scale, z_loss=z_loss, group=_group_name(group))
+    return linear_loss(hidden, weight, bias, target, alpha, options)

@@ -7,8 +7,7 @@ import torch
 
 from . import reference
 from ._core import (
-    IntraDistillationOutput, available_backends, check_choice, check_inplace, check_logits, check_mask, check_target,
-    check_output_layer, build_spec, linear_loss, logits_loss, one_pass_applies, pick_backend, reduce_rows, REDUCTIONS,
+    IntraDistillationOutput, available_backends, check_choice, check_mask, linear_loss, logits_loss, reduce_rows, REDUCTIONS,
 )
 
 Tensor = torch.Tensor
@@ -20,13 +19,8 @@ __all__ = [
 
 
 def _divergence(logits, mask, reduction, backend, divergence, inplace_grad) -> Tensor:
-    k, batch_shape, _ = check_logits(logits)
-    active = check_mask(mask, batch_shape, logits.device)
-    spec = build_spec(backend=pick_backend(backend, logits, k), divergence=divergence, has_ce=False,
-                      reduction=reduction, inplace=check_inplace(inplace_grad, logits),
-                      one_pass=one_pass_applies(reduction, logits))
-    target = torch.zeros(active.shape, dtype=torch.long, device=logits.device)
-    return logits_loss(logits, target, active, 1.0, spec, batch_shape).loss
+    options = dict(mask=mask, reduction=reduction, backend=backend, divergence=divergence, inplace_grad=inplace_grad)
+    return logits_loss(logits, None, 1.0, options).loss
 
 
 def x_divergence(logits: Tensor, mask: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
@@ -68,13 +62,10 @@ def intra_distillation_loss(
     the logits at once (they must not be used after the call; refused for a leaf that requires
     grad). The gradient is differentiable again (create_graph=True) except with inplace_grad.
     """
-    k, batch_shape, _ = check_logits(logits)
-    target, active = check_target(target, batch_shape, ignore_index, logits.device)
-    spec = build_spec(backend=pick_backend(backend, logits, k), divergence=divergence, label_smoothing=label_smoothing,
-                      ignore_index=ignore_index, reduction=reduction, softcap=softcap, logit_scale=logit_scale,
-                      z_loss=z_loss, inplace=check_inplace(inplace_grad, logits),
-                      one_pass=one_pass_applies(reduction, logits))
-    return logits_loss(logits, target, active, alpha, spec, batch_shape)
+    options = dict(divergence=divergence, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                   reduction=reduction, backend=backend, inplace_grad=inplace_grad, softcap=softcap,
+                   logit_scale=logit_scale, z_loss=z_loss)
+    return logits_loss(logits, target, alpha, options)
 
 
 def consistency_mse(outputs: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
@@ -119,13 +110,7 @@ def fused_linear_intra_distillation_loss(
     When only `loss` is differentiated (reduction "mean" or "sum"), the gradients are computed
     during the forward, chunk by chunk, and backward only scales them.
     """
-    k, batch_shape, _ = check_logits(hidden, "hidden")
-    check_output_layer(hidden, weight, bias)
-    target, active = check_target(target, batch_shape, ignore_index, hidden.device)
-    # The GEMM's output is fp32 (float64 for float64): that is what the backend reads.
-    logits_like = hidden.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-    spec = build_spec(backend=pick_backend(backend, logits_like, k), divergence=divergence,
-                      label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-                      logit_scale=logit_scale, z_loss=z_loss, chunk_size=chunk_size,
-                      one_pass=one_pass_applies(reduction, hidden, weight, bias))
-    return linear_loss(hidden, weight, bias, target, active, alpha, spec, batch_shape)
+    options = dict(divergence=divergence, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                   reduction=reduction, backend=backend, chunk_size=chunk_size, softcap=softcap,
+                   logit_scale=logit_scale, z_loss=z_loss)
+    return linear_loss(hidden, weight, bias, target, alpha, options)

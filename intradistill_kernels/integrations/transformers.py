@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 
 from intradistill_kernels import AdaptiveAlpha
 

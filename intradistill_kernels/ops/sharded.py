@@ -85,7 +85,6 @@ def _target_logits(logits: Tensor, local_target: Tensor, spec: LossSpec) -> Tens
 
 def combine(logits: Tensor, local_target: Tensor, spec: LossSpec, group, v_total: int) -> RowStats:
     """The global statistics of every row from this rank's shard of its logits (collective)."""
-    k, v_local = logits.shape[0], logits.shape[-1]
     active = local_target >= 0
     impl = registry.get(spec.backend)
     _, _, lse_r, s_r = impl.forward(logits, torch.where(active, 0, -1), spec.with_(has_ce=False, divergence="x"))
