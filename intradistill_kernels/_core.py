@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 
 from .ops import registry
-from .ops.linear_loss import LinearLoss
-from .ops.logits_loss import LogitsLoss
+from .ops.linear_loss import LinearLoss, LinearRowTerms
+from .ops.logits_loss import LogitsLoss, RowTerms
 from .ops.checks import BOUNDS, checked_scalar
 from .ops.eager import compute_dtype
 from .ops.spec import DIVERGENCES, REDUCTIONS, LossSpec
@@ -303,8 +303,9 @@ def logits_loss(logits: Tensor, target: Tensor | None, alpha, options: dict, nam
                       inplace=check_inplace(options.pop("inplace_grad", False), logits),
                       one_pass=one_pass_applies(options.get("reduction", "mean"), logits), **options)
     coef = coefficients(check_scalar("alpha", alpha), active, spec, compute_dtype(logits.dtype))
-    ce, div, zsq, loss = LogitsLoss.apply(logits, target, active, coef, spec)
-    return assemble(spec, (ce, div, zsq), loss, coef, batch_shape)
+    loss, rows, lse_stat, row_target, shard = LogitsLoss.apply(logits, target, active, coef, spec)
+    rows = RowTerms.apply(logits, rows, lse_stat, row_target, shard, spec)
+    return assemble(spec, rows, loss, coef, batch_shape)
 
 
 def linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, alpha,
@@ -319,8 +320,9 @@ def linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     spec = build_spec(backend=pick_backend(options.pop("backend"), hidden.new_empty(0, dtype=rows_dtype), k),
                       one_pass=one_pass_applies(options.get("reduction", "mean"), hidden, weight, bias), **options)
     coef = coefficients(check_scalar("alpha", alpha), active, spec, rows_dtype)
-    ce, div, zsq, loss = LinearLoss.apply(hidden, weight, bias, target, active, coef, spec)
-    return assemble(spec, (ce, div, zsq), loss, coef, batch_shape)
+    loss, rows = LinearLoss.apply(hidden, weight, bias, target, active, coef, spec)
+    rows = LinearRowTerms.apply(hidden, weight, bias, target, active, rows, spec)
+    return assemble(spec, rows, loss, coef, batch_shape)
 
 
 def reduce_rows(rows: Tensor, active: Tensor, reduction: str, batch_shape) -> Tensor:

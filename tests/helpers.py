@@ -13,7 +13,7 @@ import torch
 
 import intradistill_kernels as idk
 from intradistill_kernels import reference
-from intradistill_kernels.ops.logits_loss import LogitsLoss
+from intradistill_kernels.ops.logits_loss import LogitsLoss, RowTerms
 from intradistill_kernels.ops.loss_terms import reduced_loss
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -104,15 +104,20 @@ def paper_formulas():
     """While active, backend "torch" computes the logits losses with reference.py (the paper's
     formulas, through autograd) instead of the kernels' algorithm in eager torch: the oracle the
     backends are compared with is independent of their algebra."""
-    real = LogitsLoss.apply
+    real_loss, real_rows = LogitsLoss.apply, RowTerms.apply
 
-    def apply(logits, target, active, coef, spec):
+    def loss_apply(logits, target, active, coef, spec):
         if spec.backend != "torch" or spec.group:
-            return real(logits, target, active, coef, spec)
-        ce, div, zsq = reference.loss_rows(logits, target, active, spec)
-        return ce, div, zsq, reduced_loss(spec, coef, ce, div, zsq)
+            return real_loss(logits, target, active, coef, spec)
+        rows = torch.stack(reference.loss_rows(logits, target, active, spec))
+        return reduced_loss(spec, coef, *rows), rows, None, None, None
 
-    with mock.patch.object(LogitsLoss, "apply", apply):
+    def rows_apply(logits, rows, lse_stat, row_target, shard, spec):
+        if lse_stat is None:  # the reference's rows, differentiable already
+            return rows
+        return real_rows(logits, rows, lse_stat, row_target, shard, spec)
+
+    with mock.patch.object(LogitsLoss, "apply", loss_apply), mock.patch.object(RowTerms, "apply", rows_apply):
         yield
 
 

@@ -77,7 +77,7 @@ def test_in_place_gradient_cannot_be_differentiated_again(backend):
     logits = (z.float() * 1).requires_grad_()
     work = logits * 1.0  # a non-leaf: inplace_grad writes over it
     out = idk.intra_distillation_loss(work, y, backend=backend, inplace_grad=True)
-    with pytest.raises(RuntimeError, match="inplace_grad=True overwrote the logits"):
+    with pytest.raises(RuntimeError, match="inplace_grad=True overwrites the logits"):
         torch.autograd.grad(out.loss, logits, create_graph=True)
 
 

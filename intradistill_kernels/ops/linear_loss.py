@@ -9,10 +9,10 @@ grad_hidden = dlogits @ W and grad_weight / grad_bias accumulate in fp32 across 
 the reduced loss is what gets differentiated (the usual last op of a step) the gradients exist at
 the end of the forward and backward only scales them by grad_output.
 
-Whether that holds is known from the graph, not from values: autograd hands backward a gradient
-for the per-row outputs only when something other than the reduced loss used them (reduction
-"none", or the ce / divergence terms in another expression). Then the chunks are recomputed with
-the exact per-row weights: one more pass of GEMMs, and no host-device synchronisation either way.
+The per-row terms are a node of their own (LinearRowTerms): only when something other than the
+reduced loss uses them (reduction "none", or the ce / divergence terms in another expression)
+does its backward recompute the chunks with their weights (one more pass of GEMMs); autograd adds
+that gradient to the loss's. No host-device synchronisation either way.
 
 With spec.group the weight (and bias) are this rank's rows of a vocabulary split over the group
 (ops/sharded.py): each chunk's partial statistics are combined across the group before its
@@ -25,8 +25,8 @@ import torch
 
 from . import eager, registry
 from .backend import EarlyGrad, RowWeights
-from .logits_loss import differentiable_rows, refuse_second_order
-from .loss_terms import any_row_grad, coef_grad, reduced_loss, row_weights
+from .logits_loss import weighted_rows
+from .loss_terms import coef_grad, loss_weights, reduced_loss, rows_weights
 from .sharded import all_reduce, combine, local_targets, process_group, shard_gradient, shard_range
 from .spec import LossSpec, spec_of
 from . import checks
@@ -191,52 +191,74 @@ def _as_grad(g: Tensor, like: Tensor, need: bool, factor: Tensor | None) -> Tens
     return (g if factor is None else g * factor).to(like.dtype)
 
 
+def _gradients(inputs, target, active, spec: LossSpec, weights: RowWeights, needs) -> tuple:
+    """(grad_hidden, grad_weight, grad_bias) with the given row weights: the chunks recomputed by
+    the op, or, when they are to be differentiated again, autograd's through the logits."""
+    hidden, weight, bias = inputs
+    if torch.is_grad_enabled():  # create_graph=True
+        k, n = hidden.shape[0], target.numel()
+        logits = hidden.reshape(k, n, -1) @ weight.T + (0 if bias is None else bias)
+        total = weighted_rows(logits, row_targets(target, active, weight.shape[0], spec), spec, weights)
+        wanted = [x for x, need in zip(inputs, needs) if need]
+        found = iter(torch.autograd.grad(total, wanted, create_graph=True))
+        return tuple(next(found) if need else None for need in needs)
+    grads = linear_rows(hidden, weight, bias, target, active, weights.packed(), spec.key(),
+                        spec.scalars() + [float(x) for x in needs])[3:]
+    return tuple(_as_grad(g, x, need, None) for g, x, need in zip(grads, inputs, needs))
+
+
 class LinearLoss(torch.autograd.Function):
-    """(ce_rows, div_rows, zsq_rows, loss) of hidden [K, *B, H] @ weight.T + bias; target int64
-    [N], active bool [N], coef = [alpha, scale]."""
+    """The reduced loss of hidden [K, *B, H] @ weight.T + bias (target int64 [N], active bool [N],
+    coef = [alpha, scale]) and, not differentiable here, the per-row [ce, div, zsq] [3, N]."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, active, coef, spec: LossSpec):
-        ctx.set_materialize_grads(False)
         needs = ctx.needs_input_grad[:3]
         one_pass = spec.one_pass and any(needs)
         k, n = hidden.shape[0], target.numel()
-        weights = row_weights(spec, k, n, coef).packed() if one_pass else None
+        weights = loss_weights(spec, k, n, coef).packed() if one_pass else None
         ce, div, zsq, g_h, g_w, g_b = linear_rows(hidden, weight, bias, target, active, weights, spec.key(),
                                                   spec.scalars() + [float(x) for x in needs])
         factor = spec.div_factor(k)
-        div = div * factor if factor != 1.0 else div
-        loss = reduced_loss(spec, coef, ce, div, zsq)
-        ctx.save_for_backward(hidden, weight, bias, target, active, coef, div, g_h, g_w, g_b)
+        rows_out = torch.stack([ce, div * factor if factor != 1.0 else div, zsq])
+        loss = reduced_loss(spec, coef, *rows_out)
+        ctx.mark_non_differentiable(rows_out)
+        ctx.save_for_backward(hidden, weight, bias, target, active, coef, rows_out, g_h, g_w, g_b)
         ctx.spec, ctx.one_pass = spec, one_pass
-        return ce, div, zsq, loss
+        return loss, rows_out
 
     @staticmethod
-    def backward(ctx, g_ce, g_div, g_zsq, g_loss):
-        hidden, weight, bias, target, active, coef, div, g_h, g_w, g_b = ctx.saved_tensors
-        spec, g_rows, needs = ctx.spec, (g_ce, g_div, g_zsq), ctx.needs_input_grad[:3]
-        g_coef = coef_grad(coef, g_loss, div) if ctx.needs_input_grad[5] else None
-        none = (None, None, None, None, None, g_coef, None)
-        if not any(needs) or (g_loss is None and not any_row_grad(g_rows)):
-            return none
-        k, n = hidden.shape[0], target.numel()
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient, from the logits
-            refuse_second_order(spec)
-            inputs = [x for x, need in zip((hidden, weight, bias), needs) if need]
-            logits = hidden.reshape(k, n, -1) @ weight.T + (0 if bias is None else bias)
-            terms = differentiable_rows(logits, row_targets(target, active, weight.shape[0], spec), spec)
-            w = row_weights(spec, k, n, coef, g_rows, g_loss)
-            total = (w.ce * terms.ce).sum() + (w.div * terms.div).sum()
-            if w.z is not None:
-                total = total + (w.z * terms.lse.square().mean(0)).sum()
-            found = iter(torch.autograd.grad(total, inputs, create_graph=True))
-            return (*(next(found) if need else None for need in needs), None, None, g_coef, None)
-        factor = None
-        if ctx.one_pass and not any_row_grad(g_rows):
-            factor = g_loss  # the forward's gradients are those of `loss`
+    def backward(ctx, g_loss, _):
+        hidden, weight, bias, target, active, coef, rows_out, g_h, g_w, g_b = ctx.saved_tensors
+        spec, needs, inputs = ctx.spec, ctx.needs_input_grad[:3], (hidden, weight, bias)
+        g_coef = coef_grad(coef, g_loss, rows_out[1]) if ctx.needs_input_grad[5] else None
+        if not any(needs) or g_loss is None:
+            return None, None, None, None, None, g_coef, None
+        if ctx.one_pass and not torch.is_grad_enabled():  # the forward's gradients are those of `loss`
+            grads = tuple(_as_grad(g, x, need, g_loss) for g, x, need in zip((g_h, g_w, g_b), inputs, needs))
         else:
-            weights = row_weights(spec, k, n, coef, g_rows, g_loss).packed()
-            _, _, _, g_h, g_w, g_b = linear_rows(hidden, weight, bias, target, active, weights, spec.key(),
-                                                 spec.scalars() + [float(x) for x in needs])
-        return (*(_as_grad(g, x, need, factor) for g, x, need in zip((g_h, g_w, g_b), (hidden, weight, bias), needs)),
-                None, None, g_coef, None)
+            weights = loss_weights(spec, hidden.shape[0], target.numel(), coef, g_loss)
+            grads = _gradients(inputs, target, active, spec, weights, needs)
+        return (*grads, None, None, g_coef, None)
+
+
+class LinearRowTerms(torch.autograd.Function):
+    """The per-row [ce, div, zsq] of LinearLoss as a differentiable function of hidden, weight and
+    bias: its backward (the chunks recomputed with the rows' weights) runs only when something
+    uses the rows (see logits_loss.RowTerms)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, active, rows, spec: LossSpec):
+        ctx.save_for_backward(hidden, weight, bias, target, active)
+        ctx.spec = spec
+        return rows.clone()
+
+    @staticmethod
+    def backward(ctx, g_rows):
+        hidden, weight, bias, target, active = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if not any(needs):
+            return None, None, None, None, None, None, None
+        weights = rows_weights(ctx.spec, hidden.shape[0], g_rows)
+        grads = _gradients((hidden, weight, bias), target, active, ctx.spec, weights, needs)
+        return (*grads, None, None, None, None)
