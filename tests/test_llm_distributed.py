@@ -1,6 +1,8 @@
-"""apply_intra_distillation under FSDP2 (fully_shard), DDP and DeepSpeed ZeRO-3, gloo on CPU, world 2:
-the loss is computed inside the model's forward, where the output weight is gathered, and one
-optimizer step on two halves of a batch equals the single-process step on the whole batch.
+"""apply_intra_distillation under FSDP2 (fully_shard), DDP, DeepSpeed ZeRO-3 and tensor parallelism
+(ColwiseParallel on lm_head), gloo on CPU, world 2: the loss is computed inside the model's forward,
+where the output weight is gathered (or, tensor-parallel, each rank's vocabulary shard goes to the
+vocabulary-parallel fused-linear loss), and one optimizer step on two halves of a batch (the whole
+batch on every rank, for tensor parallelism) equals the single-process step on the whole batch.
 
 Dropout is off for the equality (each process would draw its own masks); the same runs then turn
 attention dropout on and must see a positive divergence. Every step is watched for the largest
@@ -165,6 +167,34 @@ def _zero3_worker(rank, port, out_dir):
     os._exit(0)
 
 
+def _tensor_parallel_worker(rank, port, out_dir):
+    """lm_head split over the vocabulary (97 classes: 49 and 48), the rest replicated; every rank
+    runs the whole batch, so the loss needs no data-parallel averaging."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    _env(rank, port)
+    torch.distributed.init_process_group("gloo")
+    batch, total = _data()
+    model, apply = _model(tied=False)
+    parallelize_module(model, init_device_mesh("cpu", (WORLD,)), {"lm_head": ColwiseParallel()})
+    apply(model)
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(model.lm_head.weight, DTensor) and model.lm_head.weight.to_local().shape[0] in (48, 49)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    largest = _step(model, optimizer, batch, total, 1)
+    params = _full(model.named_parameters())
+    _set_dropout(model, 0.3)
+    out = model(**batch, num_items_in_batch=total)
+    out.loss.backward()
+    torch.save({"tensor-parallel": {"params": params, "largest": largest, "divergence": float(out.divergence)}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    os._exit(0)
+
+
 def _spawn(worker, out_dir):
     mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
@@ -181,6 +211,11 @@ def zero3(tmp_path_factory):
     return _spawn(_zero3_worker, tmp_path_factory.mktemp("zero3"))
 
 
+@pytest.fixture(scope="module")
+def tensor_parallel(tmp_path_factory):
+    return _spawn(_tensor_parallel_worker, tmp_path_factory.mktemp("tp"))
+
+
 def _single_process(tied, peft=False):
     model, apply = _model(tied, peft)
     apply(model)
@@ -191,7 +226,7 @@ def _single_process(tied, peft=False):
     return before, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _check(results, config, tied, peft=False):
+def _check(results, config, tied, peft=False, rows=ROWS // WORLD):
     before, want = _single_process(tied, peft)
     num = sum(float((want[n] - before[n]).pow(2).sum()) for n in want) ** 0.5
     for rank, saved in enumerate(results):
@@ -201,7 +236,7 @@ def _check(results, config, tied, peft=False):
         assert num > 0 and diff / num < 1e-5, f"{config} rank {rank}: relative update difference {diff / num:.3g}"
         for n in want:
             torch.testing.assert_close(got["params"][n], want[n], rtol=1e-5, atol=1e-7, msg=n)
-        assert 0 < got["largest"] < K * (ROWS // WORLD) * 12 * 97, got["largest"]  # never [K, B, T, V]
+        assert 0 < got["largest"] < K * rows * 12 * 97, got["largest"]  # never [K, B, T, V]
         assert got["divergence"] > 0
 
 
@@ -213,3 +248,7 @@ def test_fsdp2_and_ddp_step_equals_single_process(fsdp_ddp, config):
 @pytest.mark.parametrize("config", ZERO3)
 def test_deepspeed_zero3_step_equals_single_process(zero3, config):
     _check(zero3, config, tied=config == "zero3-tied", peft=config == "zero3-peft")
+
+
+def test_tensor_parallel_output_layer_step_equals_single_process(tensor_parallel):
+    _check(tensor_parallel, "tensor-parallel", tied=False, rows=ROWS)

@@ -1,5 +1,5 @@
 """IntraDistillationTrainer under DDP (gloo, world 2): the same update as one process with the whole
-batch; and the refusal of a tensor-parallel (vocabulary-sharded DTensor) output weight."""
+batch (a tensor-parallel output layer: tests/test_llm_distributed.py)."""
 from __future__ import annotations
 
 import os
@@ -39,22 +39,7 @@ def _worker(rank, port, out_dir):
     assert trainer.args.world_size == WORLD
     delta = _update(model, trainer)
 
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    mesh = init_device_mesh("cpu", (WORLD,))
-    sharded = distribute_tensor(model.lm_head.weight.detach().clone(), mesh, [Shard(0)])
-    errors = []
-    model.lm_head.weight = torch.nn.Parameter(sharded)
-    model.train()
-    try:  # a vocabulary-sharded (tensor-parallel) output weight: refused with the remedy
-        from test_trainer_lm import _batch
-        trainer.compute_loss(model, _batch(trainer.train_dataset.rows[:2]))
-    except ValueError as exc:
-        errors.append(str(exc))
-    except Exception as exc:  # anything else is a failure the parent reports
-        errors.append(f"wrong error {type(exc).__name__}: {exc}")
-    torch.save({"delta": delta, "errors": errors}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"delta": delta}, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.barrier()
     # Skip interpreter teardown: torch 2.13's gloo/DDP destructors can deadlock at exit (see
     # tests/test_distributed.py); the results are on disk and mp.spawn checks the exit code.
@@ -62,7 +47,7 @@ def _worker(rank, port, out_dir):
 
 
 @pytest.mark.full
-def test_ddp_step_equals_single_process_and_sharded_weight_is_refused(tmp_path):
+def test_ddp_step_equals_single_process(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     _args, _llama, _perturb_passes, _, _update = _setup()
     model = _llama(seed=1)
@@ -73,6 +58,3 @@ def test_ddp_step_equals_single_process_and_sharded_weight_is_refused(tmp_path):
         num = sum(float((a - b).pow(2).sum()) for a, b in zip(saved["delta"], want)) ** 0.5
         den = sum(float(b.pow(2).sum()) for b in want) ** 0.5
         assert den > 0 and num / den < 1e-5, f"rank {rank}: relative update difference {num / den:.3g}"
-        assert len(saved["errors"]) == 1
-        for message in saved["errors"]:
-            assert "tensor-parallel" in message and "fused_linear=False" in message, message

@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 from intradistill_kernels import intra_distillation_loss
 
 from .arguments import IGNORE, IntraDistillationArguments, per_item
-from .output_layer import capture_output_layer_input, check_layer_reachable, layer_loss, output_layer_of
+from .output_layer import capture_output_layer_input, layer_loss, output_layer_of
 
 __all__ = ["ALPHA_KWARG", "IntraDistillationLMOutput", "apply_intra_distillation", "language_model_kind",
            "remove_intra_distillation"]
@@ -292,7 +292,6 @@ def _training_step(model, state: _Applied, own, inputs: dict, labels, shift_labe
     options = a.loss_options()
     if a.fused_linear:
         layer = output_layer_of(model)
-        check_layer_reachable(layer)
         probe = not state.probed
         with capture_output_layer_input(layer.module, probe=probe) as tap:
             outputs = own(**repeated)

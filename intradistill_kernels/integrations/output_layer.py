@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from intradistill_kernels import IntraDistillationOutput, fused_linear_intra_distillation_loss
+from intradistill_kernels.distributed import vocab_parallel_fused_linear_intra_distillation_loss
 
-__all__ = ["OutputLayer", "capture_output_layer_input", "check_layer_reachable", "check_probe", "layer_loss",
+__all__ = ["OutputLayer", "capture_output_layer_input", "check_probe", "layer_loss",
            "output_layer_of"]
 
 # Config options that change the logits after the output layer, as read by TRL's fused LM head.
@@ -101,9 +102,12 @@ class OutputLayer:
         return extra if b is None else b + extra
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """What the model's logits are for `hidden` (used to check this description, in fp32)."""
-        w = self.weight.detach().float()
+        """What the model's logits are for `hidden` (used to check this description, in fp32); for
+        a tensor-parallel layer, this rank's columns of them (what the layer returns)."""
+        w = _local(self.weight).detach().float()
+        hidden = _replicated(hidden)
         b = self.bias()
+        b = None if b is None else _local(b)
         z = hidden.detach().float().reshape(-1, w.shape[1]) @ w.T
         if b is not None:
             z = z + b.detach().float()
@@ -156,8 +160,10 @@ class capture_output_layer_input:
         # autocast): the dtype the output layer would have run in is the one seen here.
         device = hidden.device.type
         self.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        # a slice keeps the batch dims and H, so the model's code after the layer runs unchanged
-        kept = hidden[..., -1:, :] if self.probe else hidden[..., :0, :]
+        # A slice keeps the batch dims and H, so the model's code after the layer runs unchanged.
+        # DTensor (tensor parallelism) cannot view an empty slice: it gets one position.
+        one = self.probe or _dtensor(hidden) or any(_dtensor(p) for p in module.parameters(recurse=False))
+        kept = hidden[..., -1:, :] if one else hidden[..., :0, :]
         if self.probe:
             self.probe_hidden = kept
         return (kept, *args[1:]), kwargs
@@ -224,29 +230,29 @@ def _zero3_gathered(*params):
     return deepspeed.zero.GatheredParameters(list(pending.values()))
 
 
-def _refuse_tensor_parallel(weight: Tensor, model_name: str) -> None:
-    # The one place where a vocabulary-sharded weight will go to the vocabulary-parallel loss.
-    if _dtensor(weight):
-        raise ValueError(
-            f"{model_name}'s output weight is a DTensor inside the forward (placements {tuple(weight.placements)}): "
-            "a tensor-parallel output layer, which the fused-linear loss does not take yet. Leave the output layer "
-            "out of the tensor-parallel plan (FSDP2 and DeepSpeed ZeRO-3 sharding are supported), or set "
-            "IntraDistillationArguments(fused_linear=False) with a plan whose output layer returns whole logits "
-            "(ColwiseParallel(output_layouts=Replicate())).")
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if _dtensor(t) else t
 
 
-def check_layer_reachable(layer: OutputLayer) -> None:
-    """Before the model runs: an output weight that is a DTensor outside an FSDP2 unit (whose call
-    unshards it) is sharded by tensor parallelism, and the model's own call of the layer would
-    already fail on it."""
-    if not (_fsdp_unit(layer.module) or _fsdp_unit(layer.linear)):
-        _refuse_tensor_parallel(layer.weight, layer.model_name)
+def _replicated(t: Tensor) -> Tensor:
+    """The whole value of a DTensor (a tensor-parallel layer's input is replicated)."""
+    return t.full_tensor() if _dtensor(t) else t
+
+
+def tensor_parallel(layer: OutputLayer) -> bool:
+    """Whether the output weight is split over the vocabulary by tensor parallelism: a DTensor
+    outside an FSDP2 unit (whose call would unshard it). The loss then goes to the
+    vocabulary-parallel fused-linear loss, each rank with its shard."""
+    return _dtensor(layer.weight) and not (_fsdp_unit(layer.module) or _fsdp_unit(layer.linear))
 
 
 def _fused(layer: OutputLayer, hidden: Tensor, target: Tensor, alpha, options: dict,
            autocast_dtype: torch.dtype | None) -> IntraDistillationOutput:
     weight, bias = layer.weight, layer.bias()
-    _refuse_tensor_parallel(weight, layer.model_name)
+    loss = fused_linear_intra_distillation_loss
+    if _dtensor(weight):  # a shard of the vocabulary on each rank (tensor parallelism)
+        loss, hidden = vocab_parallel_fused_linear_intra_distillation_loss, _replicated(hidden)
     # Under autocast the output layer would have run in the autocast dtype: so does the fused GEMM,
     # while the loss itself accumulates in fp32 (the kernels never see autocast).
     dtype = autocast_dtype or weight.dtype
@@ -255,8 +261,7 @@ def _fused(layer: OutputLayer, hidden: Tensor, target: Tensor, alpha, options: d
     device_type = hidden.device.type
     off = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
     with off:
-        return fused_linear_intra_distillation_loss(hidden, weight, target.to(hidden.device), bias, alpha,
-                                                    **layer.loss_kwargs, **options)
+        return loss(hidden, weight, target.to(hidden.device), bias, alpha, **layer.loss_kwargs, **options)
 
 
 @contextlib.contextmanager
@@ -292,9 +297,13 @@ def layer_loss(layer: OutputLayer, hidden: Tensor, passes: int, target: Tensor, 
         result.append(out)
         return out.loss
 
-    with _forward_replaced(caller, forward):
-        # the loss that comes back has been through the framework's hooks (its backward re-gathers)
-        loss = caller(hidden)
+    if tensor_parallel(layer):
+        # Each rank holds its shard whole, and the layer's own hooks would turn the loss into logits.
+        loss = forward(hidden)
+    else:
+        with _forward_replaced(caller, forward):
+            # the loss that comes back has been through the framework's hooks (its backward re-gathers)
+            loss = caller(hidden)
     out = result[0]
     return IntraDistillationOutput(loss, out.ce.detach(), out.divergence.detach(),
                                    None if out.z_loss is None else out.z_loss.detach())
