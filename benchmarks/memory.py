@@ -12,8 +12,8 @@ import torch
 
 from .measure import mode_callables
 
-# the directory holding the intradistill_kernels package: a fresh process imports the same copy
-PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+# the repository root (it holds the package and benchmarks/): a fresh process imports the same copy
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
 _CONTENDER_PROBE = r"""
 import gc, json, torch

@@ -39,13 +39,16 @@ CPU_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk (and as much again for
 
 def default_chunk_size(k: int, n: int, v: int, device: torch.device) -> int:
     """Tokens per chunk: the chunk's fp32 logits take at most 1/8 of free GPU memory (at most
-    2 GiB), or 256 MiB on CPU."""
+    2 GiB), or 256 MiB on CPU, and at most 1/8 of the whole [K, N, V] logits, so that the peak
+    stays a small fraction of what a materialised call would hold, whatever the shape."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(free // 8, 2 * 2**30)
     else:
         budget = CPU_CHUNK_BYTES
-    return int(max(1, min(n, budget // (k * v * 4))))
+    row_bytes = k * v * 4
+    budget = min(budget, n * row_bytes // 8)
+    return int(max(1, min(n, budget // row_bytes)))
 
 
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
@@ -57,6 +60,15 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     return a.to(dtype) @ b.to(dtype)
 
 
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, with the GEMM adding into acc where the operands allow (no [V, H] temporary
+    and no second pass over it per chunk)."""
+    if b.is_cuda and b.dtype in (torch.bfloat16, torch.float16):
+        acc += _mm_f32(a, b)  # the 16-bit GEMM's fp32 output, as _mm_f32
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 def _logits_f32(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """[K, c, H] @ [V, H].T -> fp32 [K, c, V] without rounding the products to 16 bits."""
     k, c, hdim = h.shape
@@ -64,6 +76,19 @@ def _logits_f32(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     if b is not None:
         out = out + b.to(out.dtype)
     return out.view(k, c, -1)
+
+
+def _accumulate_chunk(grads, sel: slice, dlogits: Tensor, h: Tensor, w_fp: Tensor) -> None:
+    """grad_hidden[:, sel] = dlogits @ W; grad_weight += dlogits.T @ h; grad_bias += Σ dlogits."""
+    g_hidden, g_weight, g_bias = grads
+    k, _, hdim = h.shape
+    d = dlogits.reshape(-1, dlogits.shape[-1])
+    if g_hidden is not None:
+        g_hidden[:, sel] = _mm_f32(d, w_fp).view(k, -1, hdim).to(g_hidden.dtype)
+    if g_weight is not None:
+        _accumulate_mm(g_weight, d.T, h.reshape(-1, hdim))
+    if g_bias is not None:
+        g_bias += d.sum(0)
 
 
 class _Shard:
@@ -108,15 +133,8 @@ def chunked_pass(hidden, weight, bias, target, spec: LossSpec, w: RowWeights | N
         for rows, values in zip(out_rows, (stats.ce, stats.div, stats.lse.square().mean(0))):
             rows[sel] = values
         if grads is not None:  # the chunk's logits now hold their gradient
-            g_hidden, g_weight, g_bias = grads
-            d = logits.reshape(-1, logits.shape[-1])
-            if g_hidden is not None:
-                g_hidden[:, sel] = _mm_f32(d, w_fp).view(k, -1, hdim).to(hidden.dtype)
-            if g_weight is not None:
-                g_weight += _mm_f32(d.T, h.reshape(-1, hdim))
-            if g_bias is not None:
-                g_bias += d.sum(0)
-        del logits
+            _accumulate_chunk(grads, sel, logits, h, w_fp)
+        del logits  # before the next chunk's GEMM: one chunk of logits alive at a time
     if shard is not None and grads is not None and grads[0] is not None:
         grads[0] = all_reduce(grads[0], shard.group)
     return (*out_rows, grads)
@@ -185,10 +203,11 @@ def _(hidden, weight, bias, target, active, weights, key, scalars):
 
 
 def _as_grad(g: Tensor, like: Tensor, need: bool, factor: Tensor | None) -> Tensor | None:
-    """A computed gradient in its input's dtype (times grad_output for the one-pass forward's)."""
+    """A computed gradient in its input's dtype (times grad_output for the one-pass forward's,
+    scaled in place: the forward's buffer serves one backward, and a copy would add [V, H])."""
     if not need:
         return None
-    return (g if factor is None else g * factor).to(like.dtype)
+    return (g if factor is None else g.mul_(factor.to(g.dtype))).to(like.dtype)
 
 
 def _gradients(inputs, target, active, spec: LossSpec, weights: RowWeights, needs) -> tuple:
