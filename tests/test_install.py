@@ -132,6 +132,7 @@ def tree(tmp_path_factory) -> Path:
     return _copy_tree(tmp_path_factory.mktemp("source"))
 
 
+@pytest.mark.full
 def test_sdist_and_wheel_carry_the_sources_and_install_without_torch_at_build_time(tree, tmp_path):
     env = _build_env(tmp_path, no_torch=True)
     sdist_dir = tmp_path / "sdist"
@@ -162,6 +163,7 @@ def test_sdist_and_wheel_carry_the_sources_and_install_without_torch_at_build_ti
     assert "cpu     available" in result["doctor"] and "first-use build" in result["doctor"]
 
 
+@pytest.mark.full
 def test_ahead_of_time_build_is_the_library_that_gets_loaded(tree, tmp_path):
     env = _build_env(tmp_path, no_torch=False)
     env["INTRADISTILL_BUILD_EXT"] = "1"
