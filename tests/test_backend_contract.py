@@ -105,6 +105,11 @@ CASES = [
     Case(5, 1, z=True),
     Case(2, 1, js=True, softcap=5.0),
 ]
+# Every case in every dtype, but the 16-bit runs of the largest V (the slowest in the Triton
+# interpreter; tests/test_losses.py loops over V in 16 bits in the fast tier) only in the full tier.
+CASE_DTYPES = [pytest.param(case, dtype, id=f"{case}-{dtype}",
+                            marks=[pytest.mark.full] if case.v > 1000 and dtype != torch.float32 else [])
+               for case in CASES for dtype in DTYPES]
 
 
 def _transform(z: torch.Tensor, case: Case) -> torch.Tensor:
@@ -197,8 +202,7 @@ def _check_reference(stats, grad, z, target, weights, case, dtype):
 
 
 @pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case,dtype", CASE_DTYPES)
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_exact_backward_matches_float64(backend, dtype, case, strided):
     impl, device = _backend(backend)
@@ -210,8 +214,7 @@ def test_exact_backward_matches_float64(backend, dtype, case, strided):
 
 
 @pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case,dtype", CASE_DTYPES)
 @pytest.mark.parametrize("inplace,strided", [(False, False), (True, True)], ids=["buffer", "inplace-strided"])
 def test_one_pass_forward_writes_the_exact_gradient(backend, dtype, case, inplace, strided):
     impl, device = _backend(backend)

@@ -49,7 +49,11 @@ def test_osis_markup_is_removed():
     assert data.osis_to_text(entry) == "God was good & right."
 
 
-@pytest.mark.parametrize("method,extra", [("baseline", []), ("rdrop", []), ("intra-distillation", []),
+# The fast tier: the K-pass method on both loss paths and the second data set; the other methods
+# in the full tier.
+@pytest.mark.parametrize("method,extra", [pytest.param("baseline", [], marks=pytest.mark.full),
+                                          pytest.param("rdrop", [], marks=pytest.mark.full),
+                                          ("intra-distillation", []),
                                           ("intra-distillation", ["--fused-linear"]),
                                           ("baseline", ["--data", "bible-es-en"])])
 def test_train_few_steps_writes_reports(debian_available, tmp_path, method, extra):
