@@ -10,13 +10,12 @@ buffer or over the logits.
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from expected_backends import require, why_absent
 from helpers import TOLERANCES, assert_close_grads
 from intradistill_kernels import reference
 from intradistill_kernels.ops import backend_available, backend_impl, unavailable_reason
@@ -32,37 +31,18 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ONE_PASS_FP32_ULPS = {"cpu": 8}
 
 
-def _may_be_absent(name: str) -> str | None:
-    """Why backend `name` may be missing on this machine, or None where it must be there: Triton
-    runs everywhere in the suite (compiled on a GPU, interpreted elsewhere: conftest.py) and the
-    C++ cpu backend builds wherever a C++ compiler exists, unless INTRADISTILL_DISABLE_CPP asks
-    otherwise. A broken build then fails the suite instead of turning its tests into skips."""
-    if name == "cpu":
-        if os.environ.get("INTRADISTILL_DISABLE_CPP", "0") not in ("", "0"):
-            return "INTRADISTILL_DISABLE_CPP is set"
-        compiler = os.environ.get("CXX", "c++")
-        if shutil.which(compiler) is None:
-            return f"no C++ compiler (CXX={compiler})"
-        return None
-    if name == "cuda":
-        return "the cuda backend needs a GPU, torch with CUDA and nvcc (tests/test_gpu_runtime.py checks it there)"
-    return None
-
-
 @pytest.mark.parametrize("name", ["triton", "cpu"])
 def test_backend_is_available_where_it_can_be_built(name):
-    why = _may_be_absent(name)
+    """A C++ build that fails where a compiler exists fails the suite here (and in every contract
+    test below) rather than quietly dropping the backend from the tests."""
+    why = why_absent(name)
     if why is not None:
         pytest.skip(why)
     assert backend_available(name), f"backend {name} unavailable: {unavailable_reason(name)}"
 
 
 def _backend(name: str):
-    if not backend_available(name):
-        why = _may_be_absent(name)
-        if why is None:
-            pytest.fail(f"backend {name} unavailable: {unavailable_reason(name)}")
-        pytest.skip(f"backend {name} unavailable: {why}")
+    require(name)
     device = "cuda" if torch.cuda.is_available() and name in ("triton", "cuda") else "cpu"
     return backend_impl(name), device
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from expected_backends import require
 from intradistill_kernels.ops import cpp, extension_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,7 +252,6 @@ def test_first_use_identity_depends_on_sources_flags_and_torch(tmp_path):
 
 
 def test_max_passes_is_read_from_the_extension():
-    if not cpp.cpu_backend.is_available():
-        pytest.fail(f"the cpu extension did not build: {cpp.build_error('cpu')}")
+    require("cpu")
     assert torch.ops.intradistill_cpp.max_passes(torch.empty(0)) == 2**63 - 1
     assert cpp.cpu_backend.max_passes is None
