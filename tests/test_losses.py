@@ -225,15 +225,16 @@ def test_class_infinite_in_one_pass_gives_inf(device, backend):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_huge_logits_stay_finite(device, backend, divergence):
     gen = torch.Generator().manual_seed(4)
-    logits = (torch.rand(3, 5, 300, generator=gen) * 2 - 1) * 1e4
-    logits = logits.to(device).requires_grad_()
-    out = idk.intra_distillation_loss(logits, torch.randint(0, 300, (5,), generator=gen).to(device),
-                                      divergence=divergence, label_smoothing=0.1, backend=backend)
-    out.loss.backward()
-    assert torch.isfinite(out.loss) and torch.isfinite(logits.grad).all()
-    want = idk.intra_distillation_loss(logits.detach().double(), torch.randint(0, 300, (5,), generator=gen.manual_seed(4)).to(device),
-                                       divergence=divergence, label_smoothing=0.1, backend="torch")
-    assert torch.isfinite(want.loss)
+    logits = ((torch.rand(3, 5, 300, generator=gen) * 2 - 1) * 1e4).to(device)
+    target = torch.randint(0, 300, (5,), generator=gen).to(device)
+    weights = [upstream("mean", (5,), gen, device) for _ in range(3)]
+    call = _loss_fn(backend, divergence, label_smoothing=0.1)(target)
+    got, grad = loss_and_grad(logits, call, weights)
+    want, _ = reference_of(logits, _loss_fn("torch", divergence, label_smoothing=0.1)(target), weights)
+    assert_close_values(got, want, torch.float32)
+    # Finite only: here the fused kernels' JS gradient is ~1.3e-4 off (relative to its largest
+    # element; torch's own fp32 is within the 2e-5 of TOLERANCES), an open accuracy question.
+    assert torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
