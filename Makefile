@@ -1,13 +1,13 @@
 # `make demo` / `make demo-translation` train baseline vs intra-distillation on real offline data;
-# `make test` runs the suite.
-# Both create .venv (or use VENV=...) and install what they need into it.
+# `make test` runs the fast tier of the suite (minutes), `make test-full` all of it (what CI runs).
+# Each creates .venv (or uses VENV=...) and installs what it needs into it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml setup.py | md5sum | cut -c1-12)
 
-.PHONY: test demo demo-translation bench install dist clean gpu-check gpu-wheels
+.PHONY: test test-full demo demo-translation bench install dist clean gpu-check gpu-wheels
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,15 @@ demo: $(STAMP)
 demo-translation: $(STAMP)
 	$(PY) -m examples.translation.demo --out runs/demo-translation
 
+# Every backend against the float64 reference on small shapes, the API and error contract, the
+# integrations on tiny models, one ahead-of-time compile, one quick run of each example.
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider -m "not full" --hypothesis-profile=quick $(PYTEST_ARGS)
+
+# Everything: also the tests marked `full` (the compile matrix, CUDA compile checks, wheel and
+# sdist installs, multi-process runs, the concurrent-cache runs) and many more hypothesis draws.
+test-full: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider --hypothesis-profile=thorough $(PYTEST_ARGS)
 
 # The sdist and the wheel, both carrying csrc/ (INTRADISTILL_BUILD_EXT=1 also compiles the extension
 # into the wheel). build/ goes first: a library left there by an earlier build would enter the wheel.

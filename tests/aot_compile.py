@@ -3,7 +3,8 @@
 Run as a script (tests/test_compile_ahead.py does) so that TRITON_INTERPRET is off from the first
 import of triton: the interpreter, which the rest of the suite uses, patches triton's own modules.
 
-    python tests/aot_compile.py KERNEL DTYPE CAPABILITY
+    python tests/aot_compile.py KERNEL DTYPE CAPABILITY            every variant of KERNEL
+    python tests/aot_compile.py --all-options DTYPE CAPABILITY     both kernels, every option on
 """
 
 import os
@@ -69,6 +70,11 @@ def signature(kernel, dtype, constexprs):
     return sig
 
 
+# The one variant of each kernel `make test` compiles: every flag and every option on, on an
+# aligned contiguous row that loops over the vocabulary (the vector-load and barrier checks apply).
+ALL_ON = ((3, 32000), FLAGS[5], None, True, ALL_OPTIONS)
+
+
 def variants():
     """Every flag combination on one shape, every shape with the two heaviest combinations, and
     the strided layouts the host can pass (any alignment, vocabulary stride != 1)."""
@@ -120,11 +126,11 @@ def ptxas_usage(ptx: str, cap: int) -> dict:
     return parse_ptxas_verbose(run.stdout + run.stderr)[0]
 
 
-def main(kernel_name, dtype, cap):
+def main(kernel_name, dtype, cap, chosen=None):
     kernel = getattr(kernels, kernel_name)
     count = 0
     most_registers = 0
-    for shape, flags, align, contiguous, options in variants():
+    for shape, flags, align, contiguous, options in chosen or variants():
         compiled = compile_variant(kernel, dtype, cap, shape, flags, align, contiguous, options)
         ptx = compiled.asm["ptx"]
         if cap in RESOURCE_CHECKED_CAPS:
@@ -150,4 +156,8 @@ def main(kernel_name, dtype, cap):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1] == "--all-options":
+        for name in ("_forward_kernel", "_backward_kernel"):
+            main(name, sys.argv[2], int(sys.argv[3]), [ALL_ON])
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

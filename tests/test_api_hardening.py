@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import intradistill_kernels as idk
 from intradistill_kernels import _core
 from intradistill_kernels.ops import checks
+from bad_arguments import BAD_ARGUMENTS
 from helpers import all_backends, fused_backends, random_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -167,29 +168,15 @@ def test_fused_linear_frozen_weight_skips_its_gradient(monkeypatch):
 
 # --------------------------------------------------------------------------- argument errors name the argument
 
-_Z, _Y = _problem()
-_H, _W = torch.randn(3, 5, 8), torch.randn(11, 8)
-
-ERRORS = {
-    "huge ignore_index": (ValueError, "ignore_index", lambda: idk.intra_distillation_loss(_Z, _Y, ignore_index=2**70)),
-    "bool ignore_index": (TypeError, "ignore_index", lambda: idk.intra_distillation_loss(_Z, _Y, ignore_index=True)),
-    "float ignore_index": (TypeError, "ignore_index", lambda: idk.intra_distillation_loss(_Z, _Y, ignore_index=-100.0)),
-    "weight None": (TypeError, "weight", lambda: idk.fused_linear_intra_distillation_loss(_H, None, _Y)),
-    "bias int": (TypeError, "bias", lambda: idk.fused_linear_intra_distillation_loss(_H, _W, _Y, torch.ones(11, dtype=torch.long))),
-    "bool chunk_size": (TypeError, "chunk_size", lambda: idk.fused_linear_intra_distillation_loss(_H, _W, _Y, chunk_size=True)),
-    "zero chunk_size": (ValueError, "chunk_size", lambda: idk.fused_linear_intra_distillation_loss(_H, _W, _Y, chunk_size=0)),
-    "alpha nan": (ValueError, "alpha", lambda: idk.intra_distillation_loss(_Z, _Y, float("nan"))),
-    "alpha inf": (ValueError, "alpha", lambda: idk.intra_distillation_loss(_Z, _Y, float("inf"))),
-    "alpha vector": (ValueError, "alpha", lambda: idk.intra_distillation_loss(_Z, _Y, torch.ones(2))),
-    "alpha int tensor": (TypeError, "alpha", lambda: idk.intra_distillation_loss(_Z, _Y, torch.tensor(1))),
-}
+BAD_CASES = [pytest.param(name, backend, id=f"{name}-{backend}" if bad.per_backend else name)
+             for name, bad in BAD_ARGUMENTS.items() for backend in (BACKENDS if bad.per_backend else ["auto"])]
 
 
-@pytest.mark.parametrize("name", list(ERRORS))
-def test_errors_name_the_argument(name):
-    exc, match, call = ERRORS[name]
-    with pytest.raises(exc, match=match):
-        call()
+@pytest.mark.parametrize("name,backend", BAD_CASES)
+def test_bad_arguments_raise_naming_the_argument(name, backend):
+    bad = BAD_ARGUMENTS[name]
+    with pytest.raises(bad.error, match=bad.match):
+        bad.call(backend)
 
 
 # --------------------------------------------------------------------------- no host reads on accelerators
@@ -302,5 +289,6 @@ def test_vocab_parallel_ignored_rows_get_zero_gradient(one_rank_group, backend, 
 def test_vocab_parallel_group_must_be_a_group(one_rank_group):
     from intradistill_kernels.distributed import vocab_parallel_intra_distillation_loss
 
+    z, y = _problem()
     with pytest.raises(TypeError, match="group"):
-        vocab_parallel_intra_distillation_loss(_Z, _Y, group="tp")
+        vocab_parallel_intra_distillation_loss(z, y, group="tp")

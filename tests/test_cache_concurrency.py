@@ -4,6 +4,8 @@ Each worker imports what it needs, then waits at a barrier so that all of them r
 the same instant, as two training runs launched side by side do. All must succeed, read the same
 bytes through one published file or directory (one inode), do the expensive work (download,
 unpacking, tokenizer training) once between them, and leave no temporary name behind.
+
+The races (four processes each) are in the full tier; the single-process cases in `make test`.
 """
 import hashlib
 import multiprocessing as mp
@@ -111,6 +113,7 @@ def _file_race(target: str, log: str, seed: int):
     return run
 
 
+@pytest.mark.full
 def test_cached_file_builds_once_and_readers_see_whole_files(tmp_path):
     seed = random.randrange(1 << 30)
     target, log = tmp_path / "cache" / "blob.bin", tmp_path / "builds.log"
@@ -142,6 +145,7 @@ def _dir_race(target: str, log: str, seed: int):
     return run
 
 
+@pytest.mark.full
 def test_cached_dir_builds_once_and_publishes_whole_trees(tmp_path):
     seed = random.randrange(1 << 30)
     target, log = tmp_path / "cache" / "tree", tmp_path / "builds.log"
@@ -208,6 +212,7 @@ def _spm_race(model_file: str, log: str, seed: int):
     return run
 
 
+@pytest.mark.full
 def test_sentencepiece_model_trained_once_by_runs_started_together(tmp_path):
     pytest.importorskip("sentencepiece")
     model_file, log = tmp_path / "spm" / "toy-300.model", tmp_path / "trainings.log"
@@ -235,6 +240,7 @@ def _debian_race(cache: str, log: str, package: str):
     return run
 
 
+@pytest.mark.full
 def test_debian_package_unpacked_once_by_runs_started_together(tmp_path):
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         pytest.skip("the Debian cache needs apt-get and dpkg-deb")
@@ -263,6 +269,7 @@ def _vader_race(cache: str, log: str):
     return run
 
 
+@pytest.mark.full
 def test_glue_archive_downloaded_once_by_runs_started_together(tmp_path):
     cache, log = tmp_path / "cache", tmp_path / "downloads.log"
     seen = _run_together(_vader_race, str(cache), str(log))

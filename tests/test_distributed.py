@@ -72,6 +72,7 @@ def _vp_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_matches_unsharded(world, tmp_path):
     mp.spawn(_vp_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
@@ -141,6 +142,7 @@ def _ddp_worker(rank, world, port, out_dir):
     os._exit(0)
 
 
+@pytest.mark.full
 def test_ddp_step_matches_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model, x, y, offsets = _model_and_batch()

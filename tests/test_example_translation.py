@@ -9,6 +9,7 @@ pytest.importorskip("sentencepiece")
 pytest.importorskip("sacrebleu")
 
 from examples.translation import data, train  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 TINY = ["--preset", "demo", "--max-train-pairs", "600", "--valid-size", "30", "--test-size", "30",
         "--max-test-pairs", "8", "--vocab-size", "400", "--layers", "1", "--embed-dim", "32",
@@ -48,7 +49,11 @@ def test_osis_markup_is_removed():
     assert data.osis_to_text(entry) == "God was good & right."
 
 
-@pytest.mark.parametrize("method,extra", [("baseline", []), ("rdrop", []), ("intra-distillation", []),
+# The fast tier: the K-pass method on both loss paths and the second data set; the other methods
+# in the full tier.
+@pytest.mark.parametrize("method,extra", [pytest.param("baseline", [], marks=pytest.mark.full),
+                                          pytest.param("rdrop", [], marks=pytest.mark.full),
+                                          ("intra-distillation", []),
                                           ("intra-distillation", ["--fused-linear"]),
                                           ("baseline", ["--data", "bible-es-en"])])
 def test_train_few_steps_writes_reports(debian_available, tmp_path, method, extra):
@@ -94,6 +99,7 @@ def test_inverse_sqrt_schedule():
     assert train.inverse_sqrt(400, 100) == pytest.approx(0.5)
 
 
+@pytest.mark.full
 def test_torchrun_two_ranks(debian_available, tmp_path):
     """DistributedDataParallel on two CPU processes (gloo), through the fused-linear path, which
     must run inside DDP's forward for the gradients to be synchronised."""
@@ -101,7 +107,9 @@ def test_torchrun_two_ranks(debian_available, tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "examples.translation.train",
+    # A free port rather than torchrun's fixed default (29500), which a concurrent run may hold.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "examples.translation.train",
            *TINY, "--method", "intra-distillation", "--fused-linear", "--threads", "1", "--out", str(tmp_path)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

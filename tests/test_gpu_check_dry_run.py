@@ -36,6 +36,7 @@ def test_targets_are_judged_and_missing_figures_are_not_met():
     assert got["x faster than Liger's JSD"]["met"] is None
 
 
+@pytest.mark.full
 @pytest.mark.filterwarnings("ignore")
 def test_dry_run_writes_results(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from expected_backends import require
 from intradistill_kernels.ops import cpp, extension_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +133,7 @@ def tree(tmp_path_factory) -> Path:
     return _copy_tree(tmp_path_factory.mktemp("source"))
 
 
+@pytest.mark.full
 def test_sdist_and_wheel_carry_the_sources_and_install_without_torch_at_build_time(tree, tmp_path):
     env = _build_env(tmp_path, no_torch=True)
     sdist_dir = tmp_path / "sdist"
@@ -162,6 +164,7 @@ def test_sdist_and_wheel_carry_the_sources_and_install_without_torch_at_build_ti
     assert "cpu     available" in result["doctor"] and "first-use build" in result["doctor"]
 
 
+@pytest.mark.full
 def test_ahead_of_time_build_is_the_library_that_gets_loaded(tree, tmp_path):
     env = _build_env(tmp_path, no_torch=False)
     env["INTRADISTILL_BUILD_EXT"] = "1"
@@ -249,7 +252,6 @@ def test_first_use_identity_depends_on_sources_flags_and_torch(tmp_path):
 
 
 def test_max_passes_is_read_from_the_extension():
-    if not cpp.cpu_backend.is_available():
-        pytest.fail(f"the cpu extension did not build: {cpp.build_error('cpu')}")
+    require("cpu")
     assert torch.ops.intradistill_cpp.max_passes(torch.empty(0)) == 2**63 - 1
     assert cpp.cpu_backend.max_passes is None

@@ -56,9 +56,13 @@ def _check_against_reference(logits, target, backend, *, divergence="x", reducti
 
 # --------------------------------------------------------------------------- values and gradients
 
+# Every K on every small V; the largest V (the interpreter's slowest case) once in the fast tier.
+K_V = [pytest.param(k, v, id=f"K{k}-V{v}", marks=[pytest.mark.full] if v > 5000 and k != 3 else [])
+       for v in (1, 2, 3, 17, 1000, 4099, 32003) for k in (2, 3, 4, 5)]
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("k", [2, 3, 4, 5])
-@pytest.mark.parametrize("v", [1, 2, 3, 17, 1000, 4099, 32003])
+@pytest.mark.parametrize("k,v", K_V)
 def test_matches_reference_fp32(device, backend, k, v):
     gen = torch.Generator().manual_seed(1000 * k + v)
     n = 3 if v > 4000 else 6
@@ -84,10 +88,16 @@ def test_large_shapes_on_gpu(device, backend, dtype, k, v):
         _check_against_reference(logits, target, backend, divergence=divergence, label_smoothing=0.1, gen=gen)
 
 
+# V = 4099 loops over the vocabulary in every dtype; there Jeffrey (K/(K-1)·X, the kernels' X
+# path) runs in the full tier only.
+K_V_DIVERGENCE = [pytest.param(k, v, d, id=f"K{k}-V{v}-{d}",
+                               marks=[pytest.mark.full] if v > 1000 and d == "jeffrey" else [])
+                  for k, v in [(2, 1000), (3, 4099), (5, 17)] for d in DIVERGENCES]
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("k,v", [(2, 1000), (3, 4099), (5, 17)])
+@pytest.mark.parametrize("k,v,divergence", K_V_DIVERGENCE)
 def test_divergences_and_dtypes(device, backend, divergence, dtype, k, v):
     gen = torch.Generator().manual_seed(7 * k + v)
     logits = random_logits((k, 4, v), dtype=dtype, generator=gen, device=device)
@@ -222,15 +232,16 @@ def test_class_infinite_in_one_pass_gives_inf(device, backend):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_huge_logits_stay_finite(device, backend, divergence):
     gen = torch.Generator().manual_seed(4)
-    logits = (torch.rand(3, 5, 300, generator=gen) * 2 - 1) * 1e4
-    logits = logits.to(device).requires_grad_()
-    out = idk.intra_distillation_loss(logits, torch.randint(0, 300, (5,), generator=gen).to(device),
-                                      divergence=divergence, label_smoothing=0.1, backend=backend)
-    out.loss.backward()
-    assert torch.isfinite(out.loss) and torch.isfinite(logits.grad).all()
-    want = idk.intra_distillation_loss(logits.detach().double(), torch.randint(0, 300, (5,), generator=gen.manual_seed(4)).to(device),
-                                       divergence=divergence, label_smoothing=0.1, backend="torch")
-    assert torch.isfinite(want.loss)
+    logits = ((torch.rand(3, 5, 300, generator=gen) * 2 - 1) * 1e4).to(device)
+    target = torch.randint(0, 300, (5,), generator=gen).to(device)
+    weights = [upstream("mean", (5,), gen, device) for _ in range(3)]
+    call = _loss_fn(backend, divergence, label_smoothing=0.1)(target)
+    got, grad = loss_and_grad(logits, call, weights)
+    want, _ = reference_of(logits, _loss_fn("torch", divergence, label_smoothing=0.1)(target), weights)
+    assert_close_values(got, want, torch.float32)
+    # Finite only: here the fused kernels' JS gradient is ~1.3e-4 off (relative to its largest
+    # element; torch's own fp32 is within the 2e-5 of TOLERANCES), an open accuracy question.
+    assert torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -374,52 +385,18 @@ def test_result_dtypes():
     logits16 = random_logits((2, 3, 10), dtype=torch.bfloat16)
     assert idk.x_divergence(logits16).dtype == torch.float32
     assert idk.x_divergence(logits16.double()).dtype == torch.float64
-    assert idk.available_backends()[-1] == "torch"
 
 
 # --------------------------------------------------------------------------- bad input
-
-_LOGITS = random_logits((3, 4, 10))
-_TARGET = torch.randint(0, 10, (4,))
-
-BAD_CALLS = {
-    "one pass": (ValueError, "K >= 2", lambda: idk.x_divergence(_LOGITS[:1])),
-    "no classes": (ValueError, "V >= 1", lambda: idk.x_divergence(_LOGITS[..., :0])),
-    "1-d logits": (ValueError, r"\[K, \*B, V\]", lambda: idk.x_divergence(_LOGITS[0, 0])),
-    "int logits": (TypeError, "floating-point", lambda: idk.x_divergence(_LOGITS.long())),
-    "not a tensor": (TypeError, "logits", lambda: idk.x_divergence(_LOGITS.tolist())),
-    "mask shape": (ValueError, "mask", lambda: idk.x_divergence(_LOGITS, torch.ones(5, dtype=torch.bool))),
-    "mask dtype": (TypeError, "mask", lambda: idk.x_divergence(_LOGITS, torch.ones(4))),
-    "target shape": (ValueError, "target", lambda: idk.intra_distillation_loss(_LOGITS, _TARGET[:3])),
-    "target dtype": (TypeError, "target", lambda: idk.intra_distillation_loss(_LOGITS, _TARGET.float())),
-    "target range": (ValueError, r"\[0, 10\)", lambda: idk.intra_distillation_loss(_LOGITS, _TARGET + 10)),
-    "negative target": (ValueError, "ignore_index", lambda: idk.intra_distillation_loss(_LOGITS, _TARGET - 20)),
-    "reduction": (ValueError, "reduction", lambda: idk.x_divergence(_LOGITS, reduction="avg")),
-    "divergence": (ValueError, "divergence", lambda: idk.intra_distillation_loss(_LOGITS, _TARGET, divergence="kl")),
-    "backend": (ValueError, "backend", lambda: idk.x_divergence(_LOGITS, backend="tpu")),
-    "negative alpha": (ValueError, "alpha", lambda: idk.intra_distillation_loss(_LOGITS, _TARGET, -1.0)),
-    "label smoothing": (ValueError, "label_smoothing", lambda: idk.intra_distillation_loss(_LOGITS, _TARGET, label_smoothing=1.5)),
-    "schedule q <= p": (ValueError, "q", lambda: idk.AdaptiveAlpha(5.0, 10, 5, 100)),
-    "schedule alpha <= 0": (ValueError, "alpha", lambda: idk.AdaptiveAlpha(0.0, 5, 10, 100)),
-    "schedule steps": (ValueError, "total_steps", lambda: idk.AdaptiveAlpha(5.0, 5, 10, 0)),
-    "mse one pass": (ValueError, "K >= 2", lambda: idk.consistency_mse(torch.randn(1, 4))),
-}
-
-
-@pytest.mark.parametrize("name", list(BAD_CALLS))
-def test_bad_input_raises(name):
-    exc, match, call = BAD_CALLS[name]
-    with pytest.raises(exc, match=match):
-        call()
-
+# (every bad argument of the public API: tests/bad_arguments.py, run by test_api_hardening.py)
 
 def test_unavailable_backend_is_refused():
     # CUDA kernels cannot run on CPU tensors whether or not the extension is built.
     with pytest.raises(ValueError, match="backend 'cuda'"):
-        idk.x_divergence(_LOGITS, backend="cuda")
+        idk.x_divergence(random_logits((3, 4, 10)), backend="cuda")
 
 
 @pytest.mark.parametrize("device,backend", FUSED)
 def test_fused_backends_refuse_float64(device, backend):
     with pytest.raises(TypeError, match="float64"):
-        idk.x_divergence(_LOGITS.double().to(device), backend=backend)
+        idk.x_divergence(random_logits((3, 4, 10), dtype=torch.float64, device=device), backend=backend)

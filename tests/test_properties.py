@@ -1,10 +1,13 @@
-"""Property-based checks: random shapes, dtypes and options against the float64 reference."""
+"""Property-based checks: random shapes, dtypes and options against the float64 reference.
+
+How many problems each test draws is the hypothesis profile's (tests/conftest.py): "quick" in
+`make test`, "thorough" in `make test-full`."""
 
 import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import given, strategies as st  # noqa: E402
 
 import intradistill_kernels as idk  # noqa: E402
 from helpers import assert_close_grads, assert_close_values, fused_backends, loss_and_grad, reference_of  # noqa: E402
@@ -48,7 +51,6 @@ def problems(draw):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems())
 def test_random_problems_match_reference(backend, problem):
     logits, target, alpha, options, weights = problem
@@ -78,7 +80,6 @@ def masked_divergences(draw):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=masked_divergences())
 def test_random_masked_divergences_match_reference(backend, problem):
     logits, mask, divergence, reduction, partial = problem

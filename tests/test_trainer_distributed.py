@@ -11,7 +11,7 @@ from helpers import free_port
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.full]  # two processes
 
 WORLD, K = 2, 3
 

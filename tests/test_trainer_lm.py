@@ -242,9 +242,17 @@ def _cohere():
     return transformers.CohereForCausalLM(config)
 
 
-@pytest.mark.parametrize("build", [_gemma2, _cohere], ids=["gemma2", "cohere"])
-def test_logit_softcap_and_scale_architectures(tmp_path, build):
-    """Gemma 2 soft-caps its logits, Cohere scales them: the fused loss reproduces both."""
+@pytest.mark.parametrize("build,option,key", [(_gemma2, "final_logit_softcapping", "softcap"),
+                                              (_cohere, "logit_scale", "logit_scale")], ids=["gemma2", "cohere"])
+def test_logit_softcap_and_scale_architectures(tmp_path, monkeypatch, build, option, key):
+    """Gemma 2 soft-caps its logits, Cohere scales them: the fused-linear loss gets the model's
+    value as its softcap / logit_scale option and reproduces the model's own loss."""
+    import intradistill_kernels.integrations.output_layer as integ
+
+    passed = []
+    real = integ.fused_linear_intra_distillation_loss
+    monkeypatch.setattr(integ, "fused_linear_intra_distillation_loss",
+                        lambda *a, **kw: passed.append(kw.get(key)) or real(*a, **kw))
     torch.manual_seed(0)
     model = build()
     trainer = IntraDistillationTrainer(model=model, args=_args(tmp_path, 4, 1),
@@ -252,6 +260,7 @@ def test_logit_softcap_and_scale_architectures(tmp_path, build):
     batch = _batch(_Rows(n=3, seed=8).rows)
     model.train()
     loss = trainer.compute_loss(model, dict(batch))
+    assert passed == [getattr(model.config, option)]
     torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
 
 
