@@ -169,18 +169,21 @@ def test_alpha_schedule_and_bad_calls():
         apply_intra_distillation(model, {"passes": 2})
 
 
-@pytest.mark.full
 def test_compiled_applied_model_takes_the_eager_step():
-    """torch.compile(model) of an applied tiny Llama trains one step with the fused loss inside its
-    forward and the eager step's result. (The loss itself compiles without a graph break,
-    tests/test_compile.py; the applied forward's per-step hook management still breaks the graph.)"""
+    """torch.compile(model, fullgraph=True) of an applied tiny Llama trains one step with the fused
+    loss inside its forward: the eager step's result, and no tensor of the [K, B, T, V] logits in
+    the compiled graphs."""
+    from test_compile import _recording_backend
+
     batch = _batch(_Rows(n=4, seed=3).rows)
-    updates = []
+    updates, sizes = [], []
     for compiled in (False, True):
         torch._dynamo.reset()
         model = _perturbed()
         apply_intra_distillation(model, IntraDistillationArguments(**INTRA, chunk_size=4))
-        call = torch.compile(model, backend="aot_eager") if compiled else model
+        call = torch.compile(model, fullgraph=True, backend=_recording_backend(sizes)) if compiled else model
         updates.append(_sgd_step(call, batch))
     for got, want in zip(*updates):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    rows, length = batch["input_ids"].shape
+    assert sizes and max(sizes) < K * rows * length * V, (max(sizes), K * rows * length * V)

@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 from intradistill_kernels import intra_distillation_loss
 
 from .arguments import IGNORE, IntraDistillationArguments, per_item
-from .output_layer import capture_output_layer_input, layer_loss, output_layer_of
+from .output_layer import layer_loss, output_layer_of, output_tap, remove_output_tap
 
 __all__ = ["ALPHA_KWARG", "IntraDistillationLMOutput", "apply_intra_distillation", "language_model_kind",
            "remove_intra_distillation"]
@@ -133,7 +133,18 @@ def apply_intra_distillation(model: nn.Module, intra_args: IntraDistillationArgu
     forward._intra_distillation = True
     object.__setattr__(base, _STATE, _Applied(intra_args, kind, replaced, signature))
     base.forward = types.MethodType(forward, base)
+    _install_tap(base)
     return model
+
+
+def _install_tap(base: nn.Module) -> None:
+    """The output layer's tap, installed before any compiled call traces the model (a hook
+    registered during a compiled forward would break the graph). A model without a readable
+    output layer is told so at its first training step, where it matters."""
+    try:
+        output_tap(output_layer_of(base).module)
+    except ValueError:
+        pass
 
 
 def remove_intra_distillation(model: nn.Module) -> nn.Module:
@@ -152,6 +163,10 @@ def remove_intra_distillation(model: nn.Module) -> nn.Module:
     else:
         del base.forward
     object.__delattr__(base, _STATE)
+    get = getattr(base, "get_output_embeddings", None)
+    module = get() if callable(get) else None
+    if module is not None:
+        remove_output_tap(module)
     return model
 
 
@@ -292,22 +307,27 @@ def _training_step(model, state: _Applied, own, inputs: dict, labels, shift_labe
     options = a.loss_options()
     if a.fused_linear:
         layer = output_layer_of(model)
-        probe = not state.probed
-        with capture_output_layer_input(layer.module, probe=probe) as tap:
+        # The probe and the identical-passes check read values on the host: eager steps only
+        # (compiled, they would break the graph; the first eager step does them).
+        eager = not torch.compiler.is_compiling()
+        probe = eager and not state.probed
+        with output_tap(layer.module).armed_for(probe) as tap:
             outputs = own(**repeated)
         if tap.calls != 1:
             raise ValueError(f"{type(model).__name__} called its output layer {tap.calls} times in one forward; the "
                              "fused-linear loss needs exactly one call. Set "
                              "IntraDistillationArguments(fused_linear=False).")
-        _warn_if_identical(model, state, tap.hidden.unflatten(0, (k, -1)))
+        if eager:
+            _warn_if_identical(model, state, tap.hidden.unflatten(0, (k, -1)))
         terms = layer_loss(layer, tap.hidden, k, target, alpha, dict(options, chunk_size=a.chunk_size),
                            autocast_dtype=tap.autocast_dtype,
                            probe=(tap.probe_hidden, outputs.logits) if probe else None)
-        state.probed = True
+        state.probed = state.probed or probe
     else:
         outputs = own(**repeated)
         logits = outputs.logits.unflatten(0, (k, -1))
-        _warn_if_identical(model, state, logits)
+        if not torch.compiler.is_compiling():
+            _warn_if_identical(model, state, logits)
         terms = intra_distillation_loss(logits, target.to(logits.device), alpha, **options)
     return _output(model, outputs, terms, target, items_total)
 

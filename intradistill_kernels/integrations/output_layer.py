@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from intradistill_kernels import IntraDistillationOutput, fused_linear_intra_distillation_loss
 from intradistill_kernels.distributed import vocab_parallel_fused_linear_intra_distillation_loss
 
-__all__ = ["OutputLayer", "capture_output_layer_input", "check_probe", "layer_loss",
-           "output_layer_of"]
+__all__ = ["OutputLayer", "OutputTap", "check_probe", "layer_loss", "output_layer_of", "output_tap",
+           "remove_output_tap"]
 
 # Config options that change the logits after the output layer, as read by TRL's fused LM head.
 _SCALE_OPTIONS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
@@ -138,19 +138,24 @@ def output_layer_of(model: nn.Module) -> OutputLayer:
     return OutputLayer(module, linear, extra if isinstance(extra, Tensor) else None, _logit_transform(model), name)
 
 
-class capture_output_layer_input:
-    """Context manager: while active, each call of `module` records its input in `.hidden` and runs
-    the layer on no position at all (probe=False) or on the last position only (probe=True, whose
-    input is kept in `.probe_hidden` to compare the model's logits against)."""
+class OutputTap:
+    """Takes the output layer's input: a forward pre-hook installed once on the module the model
+    calls (so that torch.compile traces it like the model's own code), which does nothing until
+    armed. Armed, each call records its input in `.hidden` and runs the layer on no position at
+    all (or on the last position only, when probing, whose input is kept in `.probe_hidden` to
+    compare the model's logits against)."""
 
-    def __init__(self, module: nn.Module, probe: bool = False):
-        self.module, self.probe = module, probe
+    def __init__(self, module: nn.Module):
+        self.armed = self.probe = False
         self.hidden: Tensor | None = None
         self.probe_hidden: Tensor | None = None
         self.autocast_dtype: torch.dtype | None = None
         self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
+        if not self.armed:
+            return None
         if not args or not isinstance(args[0], Tensor):
             raise ValueError(f"{type(module).__name__} was called without a hidden-state tensor as first argument")
         hidden = args[0]
@@ -168,13 +173,32 @@ class capture_output_layer_input:
             self.probe_hidden = kept
         return (kept, *args[1:]), kwargs
 
-    def __enter__(self):
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
+    @contextlib.contextmanager
+    def armed_for(self, probe: bool):
+        self.armed, self.probe, self.calls = True, probe, 0
+        self.hidden = self.probe_hidden = None
+        try:
+            yield self
+        finally:
+            self.armed = False
 
-    def __exit__(self, *exc):
-        self._handle.remove()
-        return False
+
+_TAP = "_intra_distillation_tap"
+
+
+def output_tap(module: nn.Module) -> OutputTap:
+    """The module's tap, installed on first use (apply_intra_distillation installs it up front)."""
+    tap = module.__dict__.get(_TAP)
+    if tap is None:
+        tap = OutputTap(module)
+        object.__setattr__(module, _TAP, tap)
+    return tap
+
+
+def remove_output_tap(module: nn.Module) -> None:
+    tap = module.__dict__.pop(_TAP, None)
+    if tap is not None:
+        tap.handle.remove()
 
 
 def check_probe(layer: OutputLayer, probe_hidden: Tensor, model_logits: Tensor, autocast: bool = False) -> None:
@@ -240,6 +264,11 @@ def _replicated(t: Tensor) -> Tensor:
     return t.full_tensor() if _dtensor(t) else t
 
 
+def _sharded(layer: OutputLayer) -> bool:
+    """Whether a framework (FSDP2, DeepSpeed ZeRO-3) gathers the output weight around its call."""
+    return _fsdp_unit(layer.module) or _fsdp_unit(layer.linear) or hasattr(layer.weight, "ds_id")
+
+
 def tensor_parallel(layer: OutputLayer) -> bool:
     """Whether the output weight is split over the vocabulary by tensor parallelism: a DTensor
     outside an FSDP2 unit (whose call would unshard it). The loss then goes to the
@@ -297,8 +326,10 @@ def layer_loss(layer: OutputLayer, hidden: Tensor, passes: int, target: Tensor, 
         result.append(out)
         return out.loss
 
-    if tensor_parallel(layer):
-        # Each rank holds its shard whole, and the layer's own hooks would turn the loss into logits.
+    if tensor_parallel(layer) or (torch.compiler.is_compiling() and not _sharded(layer)):
+        # Tensor parallel: each rank holds its shard whole, and the layer's own hooks would turn the
+        # loss into logits. Compiled, a plain layer needs no framework hook around the loss, and
+        # swapping a module's forward would break the graph.
         loss = forward(hidden)
     else:
         with _forward_replaced(caller, forward):
