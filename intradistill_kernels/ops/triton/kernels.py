@@ -50,10 +50,60 @@ each tile is loaded whole before its gradient is stored, and no later sweep read
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
-def _load_tile(row_ptr, ks, vs, kmask, V, stride_k, stride_v):
-    msk = kmask[:, None] & (vs < V)[None, :]
+def _exp(x):
+    """e^x as 2^(x·log2 e): ex2.approx.ftz, one MUFU.EX2 after the multiply. tl.exp's non-ftz
+    ex2 adds four issue slots per element (scaling arguments below -126 and squaring the result)
+    to produce results below 2^-126; flushing those to 0 is the Precision note's last paragraph."""
+    return tl.exp2(x * LOG2E)
+
+
+@triton.jit
+def _log(x):
+    """ln x for x >= 2^-126 (sums of exponentials whose largest term is 1): lg2.approx.ftz."""
+    return tl.log2(x) * LN2
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _pass_max(x):
+    """max over passes (axis 0), NaN-propagating: the max with a padded pass's constant -inf
+    then folds away at compile time, which maxnum's NaN rule forbids. A NaN logit makes its
+    class's statistics NaN either way."""
+    return tl.reduce(x, 0, _max_nan)
+
+
+@triton.jit
+def _pass_sum(x, kmask):
+    """Σ over the real passes (axis 0); padded passes add -0.0, which folds away (x + -0 = x)."""
+    return tl.sum(tl.where(kmask[:, None], x, -0.0), axis=0)
+
+
+@triton.jit
+def _lanes(x, G: tl.constexpr):
+    """[R, BLOCK_V] -> [R, BLOCK_V // G, G]: each thread's G consecutive classes on the last axis
+    (launch_config gives a thread one 16-byte group per row), so that reductions over that axis
+    stay in the thread's registers."""
+    return tl.reshape(x, [x.shape[0], x.shape[1] // G, G])
+
+
+@triton.jit
+def _load_tile(row_ptr, ks, vs, kmask, V, stride_k, stride_v, MASKED: tl.constexpr):
+    """The [K_PAD, BLOCK_V] tile of classes vs; -inf where masked. MASKED = False: every class of
+    vs is below V (the sweep's full blocks), so the padded passes' mask is all there is and it is
+    known at compile time: no per-element compare or -inf fill."""
+    if MASKED:
+        msk = kmask[:, None] & (vs < V)[None, :]
+    else:
+        msk = tl.broadcast_to(kmask[:, None], (kmask.shape[0], vs.shape[0]))
     offs = ks.to(tl.int64)[:, None] * stride_k + vs.to(tl.int64)[None, :] * stride_v
     z = tl.load(row_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
     return z, msk
@@ -64,7 +114,7 @@ def _softcap(x, softcap):
     """softcap·tanh(x / softcap) in fp32 from one exp (tl.tanh is missing from some Triton
     versions); exp(-2|x|/softcap) <= 1 never overflows. Near 0 the result's absolute error is a
     few units of softcap·2^-24, the rounding any fp32 value of magnitude softcap carries anyway."""
-    e = tl.exp(tl.abs(x) * (-2.0 / softcap))
+    e = _exp(tl.abs(x) * (-2.0 / softcap))
     th = softcap * ((1.0 - e) / (1.0 + e))
     return tl.where(x < 0, -th, th)
 
@@ -81,8 +131,8 @@ def _transform(z, logit_scale, softcap, SCALE: tl.constexpr, SOFTCAP: tl.constex
 
 @triton.jit
 def _load_t(row_ptr, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap,
-            SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
-    z, msk = _load_tile(row_ptr, ks, vs, kmask, V, stride_k, stride_v)
+            SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    z, msk = _load_tile(row_ptr, ks, vs, kmask, V, stride_k, stride_v, MASKED)
     return _transform(z, logit_scale, softcap, SCALE, SOFTCAP), msk
 
 
@@ -106,18 +156,18 @@ def _deviation(z, kmask, K: tl.constexpr):
     K logits of a class are close, however large they are (z̄ itself would round at their size).
     Also returns, per class, whether some pass is at -inf and whether every pass is (padded
     passes hold -inf and are left out). d is NaN at a class at -inf everywhere: callers mask it."""
-    top = tl.max(z, axis=0)
+    top = _pass_max(z)
     t = z - tl.where(top == float("-inf"), 0.0, top)[None, :]
-    t_bar = tl.sum(tl.where(kmask[:, None], t, 0.0), axis=0) / K
+    t_bar = _pass_sum(t, kmask) * (1.0 / K)
     return t - t_bar[None, :], t_bar == float("-inf"), top == float("-inf")
 
 
 @triton.jit
 def _log_mean_prob(logp, kmask, K: tl.constexpr):
     """log p̄ per class from the [K_PAD, BLOCK_V] log-probabilities (padded passes are -inf)."""
-    mx = tl.max(logp, axis=0)
+    mx = _pass_max(logp)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx + tl.log(tl.sum(tl.exp(logp - mx[None, :]), axis=0) / K)
+    return mx + _log(_pass_sum(_exp(logp - mx[None, :]), kmask) * (1.0 / K))
 
 
 @triton.jit
@@ -134,35 +184,112 @@ def _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K: tl.constexpr, HAS_CE: tl.co
     return w_ce, w_div, w_z
 
 
+# --------------------------------------------------------------------------- statistics sweep
+
 @triton.jit
-def _grad_tile(t, vs, y, lse, stat, w_ce, w_div, w_z, kmask, V, label_smoothing, logit_scale, softcap,
-               K: tl.constexpr, HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr,
-               HAS_Z: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
-    """The gradient w.r.t. the raw logits of one [K_PAD, BLOCK_V] tile of transformed logits t,
-    shared by the backward kernel and the one-pass forward."""
-    logp = tl.where(kmask[:, None], t - lse[:, None], float("-inf"))
-    p = tl.exp(logp)
+def _stats_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s, a, zs,
+                K: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr,
+                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    """One block of the online statistics, into per-thread accumulators (m, s, a: one value per
+    pass and thread, zs: per pass and class): no value crosses a thread until the sweep ends."""
+    vs = v0 + tl.arange(0, BLOCK_V)
+    z, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP, MASKED)
+    if SMOOTH:
+        zs += tl.where(msk, z - ref_y[:, None], 0.0)
+    z3 = _lanes(z, G)
+    m_new = tl.maximum(m, tl.max(z3, axis=2))
+    # A thread whose classes are -inf so far keeps m = -inf; shifting by 0 avoids (-inf) - (-inf).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = _exp(m - m_safe)
+    e = _exp(z3 - m_safe[:, :, None])
+    s = s * scale + tl.sum(e, axis=2)
+    if not JS:
+        # A class at -inf in every pass adds 0. One at -inf in some passes but not all makes
+        # KL(p̄ ‖ p_k) = +inf exactly; deciding that on the logits, not on e > 0, keeps it +inf
+        # where the finite passes' e underflows in fp32. A NaN logit gives e·d = NaN.
+        d, some_inf, all_inf = _deviation(z, kmask, K)
+        inf_rule = _lanes(tl.where(all_inf, 0.0, float("inf"))[None, :], G)
+        ed = tl.where(_lanes(some_inf[None, :], G), inf_rule, e * _lanes(d, G))
+        # +inf stays +inf: rescaling it by a scale that underflowed to 0 would make it NaN.
+        a = tl.where(a == float("inf"), a, a * scale + tl.sum(ed, axis=2))
+    return m_new, s, a, zs
+
+
+@triton.jit
+def _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, kl,
+             K: tl.constexpr, BLOCK_V: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One block of KL_k = Σ p_k (log p_k − log p̄), per pass and class (summed after the sweep)."""
+    vs = v0 + tl.arange(0, BLOCK_V)
+    z, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP, MASKED)
+    # log p_k = (z - m_k) - log S_k, both differences small whatever the logits' offset.
+    logp = tl.where(kmask[:, None], (z - mx[:, None]) - log_s[:, None], float("-inf"))
+    r = logp - _log_mean_prob(logp, kmask, K)[None, :]
+    p = _exp(logp)
+    return kl + tl.where(p == 0.0, 0.0, p * r)
+
+
+# --------------------------------------------------------------------------- gradient sweep
+
+@triton.jit
+def _grad_coefficients(lse, stat, w_ce, w_div, w_z, kmask, HAS_CE: tl.constexpr, JS: tl.constexpr,
+                       HAS_Z: tl.constexpr):
+    """c_k of the gradient's per-pass part p_k ⊙ (w_div·u_k + c_k) (see _grad_tile); 0 at padded
+    passes, so that their gradient is a constant the compiler drops."""
     if JS:
-        # ∂JS/∂t_j = (1/K) p_j ⊙ (r_j − KL_j)
-        r = logp - _log_mean_prob(logp, kmask, K)[None, :]
-        d_div = tl.where(p == 0.0, 0.0, p * (r - stat[:, None]))
+        c = -w_div * stat
     else:
-        # ∂X/∂t_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]
-        p_bar = tl.sum(p, axis=0) / K
-        d, _, _ = _deviation(t, kmask, K)
-        d_div = tl.where(p == 0.0, 0.0, p * (d - stat[:, None] + 1.0)) - p_bar[None, :]
-    g = w_div * d_div
+        c = w_div * (1.0 - stat)
     if HAS_CE:
-        # ∂CE_k/∂t_k = p_k − (1−ε)·onehot(y) − ε/V
-        onehot = tl.where(vs == y, 1.0 - label_smoothing, 0.0)
-        if SMOOTH:
-            g += w_ce * (p - onehot[None, :] - label_smoothing / V)
-        else:
-            g += w_ce * (p - onehot[None, :])
+        c += w_ce
     if HAS_Z:
-        # ∂lse_k²/∂t_k = 2·lse_k·p_k
-        g += (2.0 * w_z * lse)[:, None] * p
-    return _chain(g, t, logit_scale, softcap, SCALE, SOFTCAP)
+        c += 2.0 * w_z * lse
+    return tl.where(kmask, c, 0.0)
+
+
+@triton.jit
+def _grad_tile(t, vs, y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_scale, softcap,
+               K: tl.constexpr, HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr,
+               SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The gradient w.r.t. the raw logits of one [K_PAD, BLOCK_V] tile of transformed logits t,
+    shared by the backward kernel and the one-pass forward, with the per-pass terms folded into
+    c_k (_grad_coefficients) and the per-class ones into q:
+        X:  g_k = p_k ⊙ (w_div·d_k + c_k) − q,  c_k = w_div(1 − s_k) + w_ce + 2 w_z lse_k,
+            q = w_div·p̄ + w_ce((1−ε)·onehot(y) + ε/V)
+            (∂X/∂t_j = (1/K) [p_j ⊙ (d_j − s_j + 1) − p̄]; ∂CE_k/∂t_k = p_k − (1−ε)·onehot(y) − ε/V;
+             ∂lse_k²/∂t_k = 2·lse_k·p_k; the weights carry the 1/K)
+        JS: g_k = p_k ⊙ (w_div·r_k + c_k) − q,  c_k = −w_div KL_k + w_ce + 2 w_z lse_k,
+            q = w_ce((1−ε)·onehot(y) + ε/V)     (∂JS/∂t_j = (1/K) p_j ⊙ (r_j − KL_j))
+    The p_k-proportional part is 0 where p_k = 0 (a class at -inf, whose u_k is not finite)."""
+    p = tl.where(kmask[:, None], _exp(t - lse[:, None]), 0.0)
+    if JS:
+        logp = tl.where(kmask[:, None], t - lse[:, None], float("-inf"))
+        u = logp - _log_mean_prob(logp, kmask, K)[None, :]
+        q = tl.zeros_like(vs).to(tl.float32)
+    else:
+        u, _, _ = _deviation(t, kmask, K)
+        q = _pass_sum(p, kmask) * (w_div / K)
+    g = tl.where(p == 0.0, 0.0, p * (w_div * u + c[:, None]))
+    if HAS_CE:
+        hot = w_ce * (1.0 - label_smoothing)
+        if SMOOTH:
+            q += tl.where(vs == y, hot, 0.0) + w_ce * label_smoothing / V
+        else:
+            q += tl.where(vs == y, hot, 0.0)
+    return _chain(g - q[None, :], t, logit_scale, softcap, SCALE, SOFTCAP)
+
+
+@triton.jit
+def _grad_block(row, grad_row, grad_k_offs, v0, ks, kmask, y, lse, c, w_ce, w_div, V, stride_k, stride_v,
+                grad_stride_v, label_smoothing, logit_scale, softcap,
+                K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_CE: tl.constexpr, SMOOTH: tl.constexpr,
+                JS: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    vs = v0 + tl.arange(0, BLOCK_V)
+    t, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP, MASKED)
+    g = _grad_tile(t, vs, y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_scale, softcap,
+                   K, HAS_CE, SMOOTH, JS, SCALE, SOFTCAP)
+    ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
+    tl.store(ptrs, g.to(grad_row.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -181,16 +308,24 @@ def _grad_sweep(row, grad_row, ks, kmask, y, lse, stat, w_ce, w_div, w_z, V, str
                 K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_CE: tl.constexpr, SMOOTH: tl.constexpr,
                 JS: tl.constexpr, HAS_Z: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
     """One sweep over a token's rows writing their gradient: the exact backward's loop, and the
-    one-pass forward's second sweep (same code, so both write the same bits)."""
+    one-pass forward's second sweep (same code, so both write the same bits). The full blocks
+    run unmasked, the last partial one masked."""
     grad_k_offs = ks.to(tl.int64)[:, None] * grad_stride_k
-    for v0 in range(0, V, BLOCK_V):
-        vs = v0 + tl.arange(0, BLOCK_V)
-        t, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
-        g = _grad_tile(t, vs, y, lse, stat, w_ce, w_div, w_z, kmask, V, label_smoothing, logit_scale, softcap,
-                       K, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
-        ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
-        tl.store(ptrs, g.to(grad_row.dtype.element_ty), mask=msk)
+    c = _grad_coefficients(lse, stat, w_ce, w_div, w_z, kmask, HAS_CE, JS, HAS_Z)
+    # 0 <= y < V < 2^31 for an active row: the class compare is in 32 bits.
+    y = y.to(tl.int32)
+    v_full = V - V % BLOCK_V
+    for v0 in range(0, v_full, BLOCK_V):
+        _grad_block(row, grad_row, grad_k_offs, v0, ks, kmask, y, lse, c, w_ce, w_div, V, stride_k, stride_v,
+                    grad_stride_v, label_smoothing, logit_scale, softcap,
+                    K, BLOCK_V, HAS_CE, SMOOTH, JS, SCALE, SOFTCAP, False)
+    if v_full < V:
+        _grad_block(row, grad_row, grad_k_offs, v_full, ks, kmask, y, lse, c, w_ce, w_div, V, stride_k, stride_v,
+                    grad_stride_v, label_smoothing, logit_scale, softcap,
+                    K, BLOCK_V, HAS_CE, SMOOTH, JS, SCALE, SOFTCAP, True)
 
+
+# --------------------------------------------------------------------------- kernels
 
 @triton.jit
 def _forward_kernel(
@@ -202,6 +337,8 @@ def _forward_kernel(
     HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr, ALIGN: tl.constexpr,
     SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr, EARLY: tl.constexpr,
 ):
+    # A thread's consecutive classes per row: one 16-byte load (launch_config), within BLOCK_V.
+    G: tl.constexpr = min(BLOCK_V, 128 // logits_ptr.dtype.element_ty.primitive_bitwidth)
     n = tl.program_id(0)
     ks = tl.arange(0, K_PAD)
     kmask = ks < K
@@ -218,63 +355,55 @@ def _forward_kernel(
                          BLOCK_V, K_PAD)
         return
     row = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + n), ALIGN)
+    ref_y = tl.zeros([K_PAD], tl.float32)
     if HAS_CE:
         z_y = tl.load(row + ks.to(tl.int64) * stride_k + y * stride_v, mask=kmask, other=0.0).to(tl.float32)
         z_y = _transform(z_y, logit_scale, softcap, SCALE, SOFTCAP)
         # Cross-entropy is taken relative to the target logit (any finite reference would do).
         ref_y = tl.where(z_y == float("-inf"), 0.0, z_y)
 
-    # One online pass: running max m, S = Σ e^(z-m), A = Σ e^(z-m)·(z - z̄), Σ (z - ref_y).
-    m = tl.full([K_PAD], float("-inf"), tl.float32)
-    s_sum = tl.zeros([K_PAD], tl.float32)
-    a_sum = tl.zeros([K_PAD], tl.float32)
-    z_sum = tl.zeros([K_PAD], tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        vs = v0 + tl.arange(0, BLOCK_V)
-        z, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
-        if SMOOTH:
-            z_sum += tl.sum(tl.where(msk, z - ref_y[:, None], 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # A row that is -inf so far keeps m = -inf; shifting by 0 there avoids (-inf) - (-inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale = tl.exp(m - m_safe)
-        e = tl.exp(z - m_safe[:, None])
-        s_sum = s_sum * scale + tl.sum(e, axis=1)
-        if not JS:
-            # A class at -inf in every pass adds 0. One at -inf in some passes but not all makes
-            # KL(p̄ ‖ p_k) = +inf exactly; deciding that on the logits, not on e > 0, keeps it +inf
-            # where the finite passes' e underflows in fp32. A NaN logit gives e·d = NaN.
-            d, some_inf, all_inf = _deviation(z, kmask, K)
-            ed = tl.where(some_inf[None, :], tl.where(all_inf, 0.0, float("inf"))[None, :], e * d)
-            # +inf stays +inf: rescaling it by a scale that underflowed to 0 would make it NaN.
-            a_sum = tl.where(a_sum == float("inf"), a_sum, a_sum * scale + tl.sum(ed, axis=1))
-        m = m_new
+    # One online sweep: running max m, S = Σ e^(z-m), A = Σ e^(z-m)·(z - z̄), Σ (z - ref_y), each
+    # per thread (one running max per pass and thread), combined once after the sweep.
+    m = tl.full([K_PAD, BLOCK_V // G], float("-inf"), tl.float32)
+    s = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
+    a = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
+    zs = tl.zeros([K_PAD, BLOCK_V], tl.float32)
+    v_full = V - V % BLOCK_V
+    for v0 in range(0, v_full, BLOCK_V):
+        m, s, a, zs = _stats_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s, a, zs,
+                                  K, BLOCK_V, G, SMOOTH, JS, SCALE, SOFTCAP, False)
+    if v_full < V:
+        m, s, a, zs = _stats_tile(row, v_full, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s,
+                                  a, zs, K, BLOCK_V, G, SMOOTH, JS, SCALE, SOFTCAP, True)
+    mx = tl.max(m, axis=1)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    f = _exp(m - mx_safe[:, None])
+    s_sum = tl.sum(s * f, axis=1)
     log_s = tl.log(s_sum)
 
     if JS:
-        # Second pass: KL_k = Σ p_k (log p_k - log p̄); log p̄ needs every lse_k first.
-        # log p_k = (z - m_k) - log S_k, both differences small whatever the logits' offset.
-        kl = tl.zeros([K_PAD], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            vs = v0 + tl.arange(0, BLOCK_V)
-            z, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP)
-            logp = tl.where(kmask[:, None], (z - m[:, None]) - log_s[:, None], float("-inf"))
-            r = logp - _log_mean_prob(logp, kmask, K)[None, :]
-            p = tl.exp(logp)
-            kl += tl.sum(tl.where(p == 0.0, 0.0, p * r), axis=1)
-        stat = kl
+        # Second sweep: KL_k = Σ p_k (log p_k - log p̄); log p̄ needs every lse_k first.
+        kl = tl.zeros([K_PAD, BLOCK_V], tl.float32)
+        for v0 in range(0, v_full, BLOCK_V):
+            kl = _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, kl,
+                          K, BLOCK_V, SCALE, SOFTCAP, False)
+        if v_full < V:
+            kl = _kl_tile(row, v_full, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, kl,
+                          K, BLOCK_V, SCALE, SOFTCAP, True)
+        stat = tl.sum(kl, axis=1)
     else:
-        stat = a_sum / s_sum
+        stat = tl.sum(tl.where(a == float("inf"), a, a * f), axis=1) / s_sum
+    lse = mx + log_s
     div = tl.sum(tl.where(kmask, stat, 0.0), axis=0) / K
     tl.store(div_ptr + n, div)
-    tl.store(lse_ptr + stat_offs, m + log_s, mask=kmask)
+    tl.store(lse_ptr + stat_offs, lse, mask=kmask)
     tl.store(stat_ptr + stat_offs, stat, mask=kmask)
 
     if HAS_CE:
         # CE_k = lse_k − (1−ε)·z_y − ε·mean_v z, every term relative to ref_y.
-        ce_k = (m - ref_y) + log_s
+        ce_k = (mx - ref_y) + log_s
         if SMOOTH:
-            ce_k = ce_k - (1.0 - label_smoothing) * (z_y - ref_y) - (label_smoothing / V) * z_sum
+            ce_k = ce_k - (1.0 - label_smoothing) * (z_y - ref_y) - (label_smoothing / V) * tl.sum(zs, axis=1)
         else:
             ce_k = ce_k - (z_y - ref_y)
         tl.store(ce_ptr + n, tl.sum(tl.where(kmask, ce_k, 0.0), axis=0) / K)
@@ -283,7 +412,7 @@ def _forward_kernel(
 
     if EARLY:
         # The gradient sweep, on the values the exact backward would load (padded passes: 0).
-        lse = tl.where(kmask, m + log_s, 0.0)
+        lse = tl.where(kmask, lse, 0.0)
         stat = tl.where(kmask, stat, 0.0)
         w_ce, w_div, w_z = _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K, HAS_CE, HAS_Z)
         grad_row = grad_ptr + tl.multiple_of(tl.load(grad_row_off_ptr + n), ALIGN)
