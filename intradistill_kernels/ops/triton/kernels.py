@@ -6,6 +6,16 @@ the mean logit z̄ of a class is a reduction over axis 0 and every per-pass quan
 over axis 1. The loop over V is sequential inside the program and no atomics are used, so every
 result is bitwise reproducible.
 
+Sweeps (their sm_90 machine code is what benchmarks/gpu_model.py counts; docs/design.md §2.5):
+every loop over V runs its full blocks unmasked and only the last, partial block masked, so the
+bulk of a sweep does no bounds test and no -inf fill. The statistics sweep keeps its online max m,
+S, A and Σ z per pass *and thread* ([K_PAD, BLOCK_V // G], G the classes of a row one thread
+holds): a block rescales within the thread, and the threads' states are combined (max, rescale,
+sum) once after the sweep. A reduction over the whole block per iteration cost 91 shuffles, 6
+barriers and shared-memory round trips in every iteration (bf16, K = 3). The gradient sweep folds
+its per-pass terms into c_k and its per-class ones into q (_grad_tile). Padded passes (K < K_PAD)
+are constants the compiler sees, so their share of every reduction over passes folds away.
+
 Addressing: element (k, n, v) of the logits is at
     base + row_off[n] + k * stride_k + v * stride_v
 which covers any strided [K, *B, V] view without a copy (row_off folds all batch dimensions).
@@ -23,6 +33,12 @@ for z − z̄, m_k − z_k[y] and z − z_k[y] for cross-entropy. Forming z̄ or
 absolute in z − z̄ and lse_k − z_k[y], i.e. 5e-4 relative in X and CE).
 The saved lse_k is one fp32 number, so the backward's p_k = exp(z − lse_k) carries its rounding:
 a relative error of at most 2^-24·|lse_k| (6e-8 at |lse| = 1, 6e-4 at a common offset of 1e4).
+Exponentials are ex2.approx.ftz (_exp): results below 2^-126 (1.2e-38) are 0. S_k's largest term
+is 1, so its flushed terms change it by at most V·2^-126 relative (1.5e-33 at V = 128256), and A_k
+by as much relative to S_k; a flushed probability changes its gradient element by less than 2^-126
+times its coefficient, where the tolerance table allows 2e-5 of the largest gradient. The -inf
+rule is decided on the logits, not on e > 0, so flushing cannot turn +inf into a finite X
+(tests/test_kernel_hardening.py). The CUDA kernels (--use_fast_math) flush the same way.
 
 Logit transforms (constexprs SCALE, SOFTCAP; runtime floats logit_scale, softcap): every load goes
 through _transform, so all statistics are of t = softcap·tanh(logit_scale·z / softcap) and the
@@ -47,8 +63,15 @@ lse_k and s_k the forward stores: both paths write the same bits. In place (grad
 each tile is loaded whole before its gradient is stored, and no later sweep reads it again.
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# The interpreter (the test suite without a GPU) passes every scalar argument as a tensor, so a
+# kernel cannot see there that the launcher's unit class stride is a compile-time constant; it
+# takes the unit-stride path, the one compiled for contiguous rows on a GPU.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -56,9 +79,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _exp(x):
-    """e^x as 2^(x·log2 e): ex2.approx.ftz, one MUFU.EX2 after the multiply. tl.exp's non-ftz
-    ex2 adds four issue slots per element (scaling arguments below -126 and squaring the result)
-    to produce results below 2^-126; flushing those to 0 is the Precision note's last paragraph."""
+    """e^x as 2^(x·log2 e): ex2.approx.ftz, one MUFU.EX2 after the multiply. tl.exp's non-ftz ex2
+    spends three more issue slots per element (a compare, halving the argument below -126 and
+    squaring the result) on results below 2^-126, which this flushes to 0 (module docstring,
+    Precision)."""
     return tl.exp2(x * LOG2E)
 
 
@@ -88,11 +112,32 @@ def _pass_sum(x, kmask):
 
 
 @triton.jit
-def _lanes(x, G: tl.constexpr):
-    """[R, BLOCK_V] -> [R, BLOCK_V // G, G]: each thread's G consecutive classes on the last axis
-    (launch_config gives a thread one 16-byte group per row), so that reductions over that axis
-    stay in the thread's registers."""
-    return tl.reshape(x, [x.shape[0], x.shape[1] // G, G])
+def _lane_sum(x, G: tl.constexpr, UNIT: tl.constexpr):
+    """[R, BLOCK_V] -> [R, BLOCK_V // G]: the sums of the G classes of a row that one thread holds.
+    At unit class stride a thread holds G consecutive classes (one 16-byte load, launch_config);
+    at any other stride one class every BLOCK_V // G (the layout of unvectorised loads). Either
+    way the reduction stays in the thread's registers."""
+    if UNIT:
+        return tl.sum(tl.reshape(x, [x.shape[0], x.shape[1] // G, G]), axis=2)
+    return tl.sum(tl.reshape(x, [x.shape[0], G, x.shape[1] // G]), axis=1)
+
+
+@triton.jit
+def _lane_max(x, G: tl.constexpr, UNIT: tl.constexpr):
+    """As _lane_sum, the maxima."""
+    if UNIT:
+        return tl.max(tl.reshape(x, [x.shape[0], x.shape[1] // G, G]), axis=2)
+    return tl.max(tl.reshape(x, [x.shape[0], G, x.shape[1] // G]), axis=1)
+
+
+@triton.jit
+def _lane_expand(x, G: tl.constexpr, UNIT: tl.constexpr):
+    """[R, BLOCK_V // G] -> [R, BLOCK_V]: each thread's value for each of its G classes."""
+    if UNIT:
+        y = tl.broadcast_to(x[:, :, None], (x.shape[0], x.shape[1], G))
+    else:
+        y = tl.broadcast_to(x[:, None, :], (x.shape[0], G, x.shape[1]))
+    return tl.reshape(y, [x.shape[0], x.shape[1] * G])
 
 
 @triton.jit
@@ -106,7 +151,9 @@ def _load_tile(row_ptr, ks, vs, kmask, V, stride_k, stride_v, MASKED: tl.constex
         msk = tl.broadcast_to(kmask[:, None], (kmask.shape[0], vs.shape[0]))
     offs = ks.to(tl.int64)[:, None] * stride_k + vs.to(tl.int64)[None, :] * stride_v
     z = tl.load(row_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
-    return z, msk
+    # The padded passes as a constant the compiler sees (a masked load's fill is opaque to it):
+    # their share of every reduction over passes, and their own accumulators, then fold away.
+    return tl.where(kmask[:, None], z, float("-inf")), msk
 
 
 @triton.jit
@@ -114,7 +161,7 @@ def _softcap(x, softcap):
     """softcap·tanh(x / softcap) in fp32 from one exp (tl.tanh is missing from some Triton
     versions); exp(-2|x|/softcap) <= 1 never overflows. Near 0 the result's absolute error is a
     few units of softcap·2^-24, the rounding any fp32 value of magnitude softcap carries anyway."""
-    e = _exp(tl.abs(x) * (-2.0 / softcap))
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E / softcap))
     th = softcap * ((1.0 - e) / (1.0 + e))
     return tl.where(x < 0, -th, th)
 
@@ -163,11 +210,12 @@ def _deviation(z, kmask, K: tl.constexpr):
 
 
 @triton.jit
-def _log_mean_prob(logp, kmask, K: tl.constexpr):
-    """log p̄ per class from the [K_PAD, BLOCK_V] log-probabilities (padded passes are -inf)."""
-    mx = _pass_max(logp)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx + _log(_pass_sum(_exp(logp - mx[None, :]), kmask) * (1.0 / K))
+def _log_mean_prob(p, kmask, ln_k):
+    """log p̄ per class from the [K_PAD, BLOCK_V] probabilities p_k (0 at padded passes), as
+    log Σ_k p_k − ln K: p_k <= 1 needs no shift, and Σ_k p_k is at least its largest term, so it
+    is never below 2^-126 where some p_k is not 0 (Σ_k p_k / K could be, and a flushed log
+    argument would give -inf). A class whose p_k are all 0 gets -inf, which its p_k = 0 masks."""
+    return _log(_pass_sum(p, kmask)) - ln_k
 
 
 @triton.jit
@@ -188,45 +236,43 @@ def _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K: tl.constexpr, HAS_CE: tl.co
 
 @triton.jit
 def _stats_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s, a, zs,
-                K: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr,
-                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
-    """One block of the online statistics, into per-thread accumulators (m, s, a: one value per
-    pass and thread, zs: per pass and class): no value crosses a thread until the sweep ends."""
+                K: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr, UNIT: tl.constexpr, SMOOTH: tl.constexpr,
+                JS: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    """One block of the online statistics, into per-thread accumulators (one value per pass and
+    thread, [K_PAD, BLOCK_V // G]): no value crosses a thread until the sweep ends."""
     vs = v0 + tl.arange(0, BLOCK_V)
     z, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP, MASKED)
     if SMOOTH:
-        zs += tl.where(msk, z - ref_y[:, None], 0.0)
-    z3 = _lanes(z, G)
-    m_new = tl.maximum(m, tl.max(z3, axis=2))
+        zs += _lane_sum(tl.where(msk, z - ref_y[:, None], 0.0), G, UNIT)
+    m_new = tl.maximum(m, _lane_max(z, G, UNIT))
     # A thread whose classes are -inf so far keeps m = -inf; shifting by 0 avoids (-inf) - (-inf).
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     scale = _exp(m - m_safe)
-    e = _exp(z3 - m_safe[:, :, None])
-    s = s * scale + tl.sum(e, axis=2)
+    e = _exp(z - _lane_expand(m_safe, G, UNIT))
+    s = s * scale + _lane_sum(e, G, UNIT)
     if not JS:
         # A class at -inf in every pass adds 0. One at -inf in some passes but not all makes
         # KL(p̄ ‖ p_k) = +inf exactly; deciding that on the logits, not on e > 0, keeps it +inf
         # where the finite passes' e underflows in fp32. A NaN logit gives e·d = NaN.
         d, some_inf, all_inf = _deviation(z, kmask, K)
-        inf_rule = _lanes(tl.where(all_inf, 0.0, float("inf"))[None, :], G)
-        ed = tl.where(_lanes(some_inf[None, :], G), inf_rule, e * _lanes(d, G))
+        ed = tl.where(some_inf[None, :], tl.where(all_inf, 0.0, float("inf"))[None, :], e * d)
         # +inf stays +inf: rescaling it by a scale that underflowed to 0 would make it NaN.
-        a = tl.where(a == float("inf"), a, a * scale + tl.sum(ed, axis=2))
+        a = tl.where(a == float("inf"), a, a * scale + _lane_sum(ed, G, UNIT))
     return m_new, s, a, zs
 
 
 @triton.jit
-def _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, kl,
-             K: tl.constexpr, BLOCK_V: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
-             MASKED: tl.constexpr):
-    """One block of KL_k = Σ p_k (log p_k − log p̄), per pass and class (summed after the sweep)."""
+def _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, ln_k, kl,
+             K: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr, UNIT: tl.constexpr, SCALE: tl.constexpr,
+             SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    """One block of KL_k = Σ p_k (log p_k − log p̄), per pass and thread (summed after the sweep)."""
     vs = v0 + tl.arange(0, BLOCK_V)
     z, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP, MASKED)
     # log p_k = (z - m_k) - log S_k, both differences small whatever the logits' offset.
     logp = tl.where(kmask[:, None], (z - mx[:, None]) - log_s[:, None], float("-inf"))
-    r = logp - _log_mean_prob(logp, kmask, K)[None, :]
-    p = _exp(logp)
-    return kl + tl.where(p == 0.0, 0.0, p * r)
+    p = tl.where(kmask[:, None], _exp(logp), 0.0)
+    r = logp - _log_mean_prob(p, kmask, ln_k)[None, :]
+    return kl + _lane_sum(tl.where(p == 0.0, 0.0, p * r), G, UNIT)
 
 
 # --------------------------------------------------------------------------- gradient sweep
@@ -263,8 +309,7 @@ def _grad_tile(t, vs, y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_s
     The p_k-proportional part is 0 where p_k = 0 (a class at -inf, whose u_k is not finite)."""
     p = tl.where(kmask[:, None], _exp(t - lse[:, None]), 0.0)
     if JS:
-        logp = tl.where(kmask[:, None], t - lse[:, None], float("-inf"))
-        u = logp - _log_mean_prob(logp, kmask, K)[None, :]
+        u = (t - lse[:, None]) - _log_mean_prob(p, kmask, tl.log(K * 1.0))[None, :]
         q = tl.zeros_like(vs).to(tl.float32)
     else:
         u, _, _ = _deviation(t, kmask, K)
@@ -314,7 +359,7 @@ def _grad_sweep(row, grad_row, ks, kmask, y, lse, stat, w_ce, w_div, w_z, V, str
     c = _grad_coefficients(lse, stat, w_ce, w_div, w_z, kmask, HAS_CE, JS, HAS_Z)
     # 0 <= y < V < 2^31 for an active row: the class compare is in 32 bits.
     y = y.to(tl.int32)
-    v_full = V - V % BLOCK_V
+    v_full = tl.multiple_of((V // BLOCK_V) * BLOCK_V, BLOCK_V)
     for v0 in range(0, v_full, BLOCK_V):
         _grad_block(row, grad_row, grad_k_offs, v0, ks, kmask, y, lse, c, w_ce, w_div, V, stride_k, stride_v,
                     grad_stride_v, label_smoothing, logit_scale, softcap,
@@ -337,8 +382,10 @@ def _forward_kernel(
     HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr, ALIGN: tl.constexpr,
     SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr, EARLY: tl.constexpr,
 ):
-    # A thread's consecutive classes per row: one 16-byte load (launch_config), within BLOCK_V.
+    # Classes of a row per thread: one 16-byte group (launch_config). UNIT: the launcher's unit
+    # class stride, a compile-time constant, puts them side by side (see _lane_sum).
     G: tl.constexpr = min(BLOCK_V, 128 // logits_ptr.dtype.element_ty.primitive_bitwidth)
+    UNIT: tl.constexpr = INTERPRETED or not isinstance(stride_v, tl.tensor)
     n = tl.program_id(0)
     ks = tl.arange(0, K_PAD)
     kmask = ks < K
@@ -367,14 +414,14 @@ def _forward_kernel(
     m = tl.full([K_PAD, BLOCK_V // G], float("-inf"), tl.float32)
     s = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
     a = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
-    zs = tl.zeros([K_PAD, BLOCK_V], tl.float32)
-    v_full = V - V % BLOCK_V
+    zs = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
+    v_full = tl.multiple_of((V // BLOCK_V) * BLOCK_V, BLOCK_V)
     for v0 in range(0, v_full, BLOCK_V):
         m, s, a, zs = _stats_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s, a, zs,
-                                  K, BLOCK_V, G, SMOOTH, JS, SCALE, SOFTCAP, False)
+                                  K, BLOCK_V, G, UNIT, SMOOTH, JS, SCALE, SOFTCAP, False)
     if v_full < V:
         m, s, a, zs = _stats_tile(row, v_full, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s,
-                                  a, zs, K, BLOCK_V, G, SMOOTH, JS, SCALE, SOFTCAP, True)
+                                  a, zs, K, BLOCK_V, G, UNIT, SMOOTH, JS, SCALE, SOFTCAP, True)
     mx = tl.max(m, axis=1)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     f = _exp(m - mx_safe[:, None])
@@ -383,19 +430,23 @@ def _forward_kernel(
 
     if JS:
         # Second sweep: KL_k = Σ p_k (log p_k - log p̄); log p̄ needs every lse_k first.
-        kl = tl.zeros([K_PAD, BLOCK_V], tl.float32)
+        kl = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
+        ln_k = tl.log(K * 1.0)
+
         for v0 in range(0, v_full, BLOCK_V):
-            kl = _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, kl,
-                          K, BLOCK_V, SCALE, SOFTCAP, False)
+            kl = _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, ln_k, kl,
+                          K, BLOCK_V, G, UNIT, SCALE, SOFTCAP, False)
         if v_full < V:
-            kl = _kl_tile(row, v_full, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, kl,
-                          K, BLOCK_V, SCALE, SOFTCAP, True)
+            kl = _kl_tile(row, v_full, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, ln_k, kl,
+                          K, BLOCK_V, G, UNIT, SCALE, SOFTCAP, True)
         stat = tl.sum(kl, axis=1)
     else:
         stat = tl.sum(tl.where(a == float("inf"), a, a * f), axis=1) / s_sum
-    lse = mx + log_s
-    div = tl.sum(tl.where(kmask, stat, 0.0), axis=0) / K
-    tl.store(div_ptr + n, div)
+    # 0 at padded passes (what the exact backward loads there): as constants, their accumulators
+    # are dead code.
+    lse = tl.where(kmask, mx + log_s, 0.0)
+    stat = tl.where(kmask, stat, 0.0)
+    tl.store(div_ptr + n, tl.sum(stat, axis=0) / K)
     tl.store(lse_ptr + stat_offs, lse, mask=kmask)
     tl.store(stat_ptr + stat_offs, stat, mask=kmask)
 
@@ -411,9 +462,7 @@ def _forward_kernel(
         tl.store(ce_ptr + n, 0.0)
 
     if EARLY:
-        # The gradient sweep, on the values the exact backward would load (padded passes: 0).
-        lse = tl.where(kmask, lse, 0.0)
-        stat = tl.where(kmask, stat, 0.0)
+        # The gradient sweep, on the values the exact backward loads (padded passes: 0).
         w_ce, w_div, w_z = _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K, HAS_CE, HAS_Z)
         grad_row = grad_ptr + tl.multiple_of(tl.load(grad_row_off_ptr + n), ALIGN)
         _grad_sweep(row, grad_row, ks, kmask, y, lse, stat, w_ce, w_div, w_z, V, stride_k, stride_v, grad_stride_k,
