@@ -294,7 +294,7 @@ def _grad_coefficients(lse, stat, w_ce, w_div, w_z, kmask, HAS_CE: tl.constexpr,
 
 
 @triton.jit
-def _grad_tile(t, vs, y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_scale, softcap,
+def _grad_tile(t, is_y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_scale, softcap,
                K: tl.constexpr, HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr,
                SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
     """The gradient w.r.t. the raw logits of one [K_PAD, BLOCK_V] tile of transformed logits t,
@@ -310,7 +310,7 @@ def _grad_tile(t, vs, y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_s
     p = tl.where(kmask[:, None], _exp(t - lse[:, None]), 0.0)
     if JS:
         u = (t - lse[:, None]) - _log_mean_prob(p, kmask, tl.log(K * 1.0))[None, :]
-        q = tl.zeros_like(vs).to(tl.float32)
+        q = tl.zeros(is_y.shape, tl.float32)
     else:
         u, _, _ = _deviation(t, kmask, K)
         q = _pass_sum(p, kmask) * (w_div / K)
@@ -318,9 +318,9 @@ def _grad_tile(t, vs, y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_s
     if HAS_CE:
         hot = w_ce * (1.0 - label_smoothing)
         if SMOOTH:
-            q += tl.where(vs == y, hot, 0.0) + w_ce * label_smoothing / V
+            q += tl.where(is_y, hot, 0.0) + w_ce * label_smoothing / V
         else:
-            q += tl.where(vs == y, hot, 0.0)
+            q += tl.where(is_y, hot, 0.0)
     return _chain(g - q[None, :], t, logit_scale, softcap, SCALE, SOFTCAP)
 
 
@@ -331,7 +331,10 @@ def _grad_block(row, grad_row, grad_k_offs, v0, ks, kmask, y, lse, c, w_ce, w_di
                 JS: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
     vs = v0 + tl.arange(0, BLOCK_V)
     t, msk = _load_t(row, ks, vs, kmask, V, stride_k, stride_v, logit_scale, softcap, SCALE, SOFTCAP, MASKED)
-    g = _grad_tile(t, vs, y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_scale, softcap,
+    # The target against the block's own class numbers, in 32 bits: compared with vs, which the
+    # addresses widen to 64 bits anyway, LLVM compared in 64 bits (two instructions per class).
+    is_y = tl.arange(0, BLOCK_V) == y - v0
+    g = _grad_tile(t, is_y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_scale, softcap,
                    K, HAS_CE, SMOOTH, JS, SCALE, SOFTCAP)
     ptrs = grad_row + grad_k_offs + vs.to(tl.int64)[None, :] * grad_stride_v
     tl.store(ptrs, g.to(grad_row.dtype.element_ty), mask=msk)
@@ -351,23 +354,31 @@ def _store_zeros(grad_row, grad_k_offs, ks, kmask, V, grad_stride_v, BLOCK_V: tl
 def _grad_sweep(row, grad_row, ks, kmask, y, lse, stat, w_ce, w_div, w_z, V, stride_k, stride_v, grad_stride_k,
                 grad_stride_v, label_smoothing, logit_scale, softcap,
                 K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_CE: tl.constexpr, SMOOTH: tl.constexpr,
-                JS: tl.constexpr, HAS_Z: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+                JS: tl.constexpr, HAS_Z: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+                SPLIT: tl.constexpr):
     """One sweep over a token's rows writing their gradient: the exact backward's loop, and the
-    one-pass forward's second sweep (same code, so both write the same bits). The full blocks
-    run unmasked, the last partial one masked."""
+    one-pass forward's second sweep (same code, so both write the same bits). SPLIT: the full
+    blocks run unmasked, the last partial one masked (see _split)."""
     grad_k_offs = ks.to(tl.int64)[:, None] * grad_stride_k
     c = _grad_coefficients(lse, stat, w_ce, w_div, w_z, kmask, HAS_CE, JS, HAS_Z)
-    # 0 <= y < V < 2^31 for an active row: the class compare is in 32 bits.
+    # 0 <= y < V < 2^31 for an active row: the class compare is in 32 bits (_grad_block).
+
     y = y.to(tl.int32)
-    v_full = tl.multiple_of((V // BLOCK_V) * BLOCK_V, BLOCK_V)
-    for v0 in range(0, v_full, BLOCK_V):
-        _grad_block(row, grad_row, grad_k_offs, v0, ks, kmask, y, lse, c, w_ce, w_div, V, stride_k, stride_v,
-                    grad_stride_v, label_smoothing, logit_scale, softcap,
-                    K, BLOCK_V, HAS_CE, SMOOTH, JS, SCALE, SOFTCAP, False)
-    if v_full < V:
-        _grad_block(row, grad_row, grad_k_offs, v_full, ks, kmask, y, lse, c, w_ce, w_div, V, stride_k, stride_v,
-                    grad_stride_v, label_smoothing, logit_scale, softcap,
-                    K, BLOCK_V, HAS_CE, SMOOTH, JS, SCALE, SOFTCAP, True)
+    if SPLIT:
+        v_full = tl.multiple_of((V // BLOCK_V) * BLOCK_V, BLOCK_V)
+        for v0 in range(0, v_full, BLOCK_V):
+            _grad_block(row, grad_row, grad_k_offs, v0, ks, kmask, y, lse, c, w_ce, w_div, V, stride_k, stride_v,
+                        grad_stride_v, label_smoothing, logit_scale, softcap,
+                        K, BLOCK_V, HAS_CE, SMOOTH, JS, SCALE, SOFTCAP, False)
+        if v_full < V:
+            _grad_block(row, grad_row, grad_k_offs, v_full, ks, kmask, y, lse, c, w_ce, w_div, V, stride_k, stride_v,
+                        grad_stride_v, label_smoothing, logit_scale, softcap,
+                        K, BLOCK_V, HAS_CE, SMOOTH, JS, SCALE, SOFTCAP, True)
+    else:
+        for v0 in range(0, V, BLOCK_V):
+            _grad_block(row, grad_row, grad_k_offs, v0, ks, kmask, y, lse, c, w_ce, w_div, V, stride_k, stride_v,
+                        grad_stride_v, label_smoothing, logit_scale, softcap,
+                        K, BLOCK_V, HAS_CE, SMOOTH, JS, SCALE, SOFTCAP, True)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -383,9 +394,14 @@ def _forward_kernel(
     SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr, EARLY: tl.constexpr,
 ):
     # Classes of a row per thread: one 16-byte group (launch_config). UNIT: the launcher's unit
-    # class stride, a compile-time constant, puts them side by side (see _lane_sum).
+    # class stride, a compile-time constant, puts them side by side (see _lane_sum) and lets the
+    # sweeps run their full blocks unmasked. At a run-time stride every block stays masked: the
+    # unmasked loop's per-element 64-bit offsets are loop-invariant, and LLVM kept all of them
+    # live (216 registers, bf16, K = 3).
     G: tl.constexpr = min(BLOCK_V, 128 // logits_ptr.dtype.element_ty.primitive_bitwidth)
     UNIT: tl.constexpr = INTERPRETED or not isinstance(stride_v, tl.tensor)
+    SPLIT: tl.constexpr = UNIT and (INTERPRETED or not isinstance(grad_stride_v, tl.tensor))
+
     n = tl.program_id(0)
     ks = tl.arange(0, K_PAD)
     kmask = ks < K
@@ -416,12 +432,17 @@ def _forward_kernel(
     a = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
     zs = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
     v_full = tl.multiple_of((V // BLOCK_V) * BLOCK_V, BLOCK_V)
-    for v0 in range(0, v_full, BLOCK_V):
-        m, s, a, zs = _stats_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s, a, zs,
-                                  K, BLOCK_V, G, UNIT, SMOOTH, JS, SCALE, SOFTCAP, False)
-    if v_full < V:
-        m, s, a, zs = _stats_tile(row, v_full, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s,
-                                  a, zs, K, BLOCK_V, G, UNIT, SMOOTH, JS, SCALE, SOFTCAP, True)
+    if UNIT:
+        for v0 in range(0, v_full, BLOCK_V):
+            m, s, a, zs = _stats_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s, a,
+                                      zs, K, BLOCK_V, G, UNIT, SMOOTH, JS, SCALE, SOFTCAP, False)
+        if v_full < V:
+            m, s, a, zs = _stats_tile(row, v_full, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s,
+                                      a, zs, K, BLOCK_V, G, UNIT, SMOOTH, JS, SCALE, SOFTCAP, True)
+    else:
+        for v0 in range(0, V, BLOCK_V):
+            m, s, a, zs = _stats_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, ref_y, m, s, a,
+                                      zs, K, BLOCK_V, G, UNIT, SMOOTH, JS, SCALE, SOFTCAP, True)
     mx = tl.max(m, axis=1)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     f = _exp(m - mx_safe[:, None])
@@ -432,13 +453,17 @@ def _forward_kernel(
         # Second sweep: KL_k = Σ p_k (log p_k - log p̄); log p̄ needs every lse_k first.
         kl = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
         ln_k = tl.log(K * 1.0)
-
-        for v0 in range(0, v_full, BLOCK_V):
-            kl = _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, ln_k, kl,
-                          K, BLOCK_V, G, UNIT, SCALE, SOFTCAP, False)
-        if v_full < V:
-            kl = _kl_tile(row, v_full, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, ln_k, kl,
-                          K, BLOCK_V, G, UNIT, SCALE, SOFTCAP, True)
+        if UNIT:
+            for v0 in range(0, v_full, BLOCK_V):
+                kl = _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, ln_k, kl,
+                              K, BLOCK_V, G, UNIT, SCALE, SOFTCAP, False)
+            if v_full < V:
+                kl = _kl_tile(row, v_full, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, ln_k,
+                              kl, K, BLOCK_V, G, UNIT, SCALE, SOFTCAP, True)
+        else:
+            for v0 in range(0, V, BLOCK_V):
+                kl = _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, ln_k, kl,
+                              K, BLOCK_V, G, UNIT, SCALE, SOFTCAP, True)
         stat = tl.sum(kl, axis=1)
     else:
         stat = tl.sum(tl.where(a == float("inf"), a, a * f), axis=1) / s_sum
@@ -467,7 +492,7 @@ def _forward_kernel(
         grad_row = grad_ptr + tl.multiple_of(tl.load(grad_row_off_ptr + n), ALIGN)
         _grad_sweep(row, grad_row, ks, kmask, y, lse, stat, w_ce, w_div, w_z, V, stride_k, stride_v, grad_stride_k,
                     grad_stride_v, label_smoothing, logit_scale, softcap,
-                    K, BLOCK_V, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
+                    K, BLOCK_V, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP, SPLIT)
 
 
 @triton.jit
@@ -479,6 +504,8 @@ def _backward_kernel(
     HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, JS: tl.constexpr, ALIGN: tl.constexpr,
     SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr,
 ):
+    # As in the forward kernel: unmasked full blocks where both class strides are unit.
+    SPLIT: tl.constexpr = INTERPRETED or not (isinstance(stride_v, tl.tensor) or isinstance(grad_stride_v, tl.tensor))
     n = tl.program_id(0)
     ks = tl.arange(0, K_PAD)
     kmask = ks < K
@@ -495,4 +522,4 @@ def _backward_kernel(
     w_ce, w_div, w_z = _row_weights(w_ce_ptr, w_div_ptr, w_z_ptr, n, K, HAS_CE, HAS_Z)
     _grad_sweep(row, grad_row, ks, kmask, y, lse, stat, w_ce, w_div, w_z, V, stride_k, stride_v, grad_stride_k,
                 grad_stride_v, label_smoothing, logit_scale, softcap,
-                K, BLOCK_V, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP)
+                K, BLOCK_V, HAS_CE, SMOOTH, JS, HAS_Z, SCALE, SOFTCAP, SPLIT)
