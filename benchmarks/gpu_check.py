@@ -11,6 +11,9 @@
 3. The performance targets on their own shapes: bf16, K = 3, 8192 tokens, V = 128256, and the
    fused-linear loss at H = 4096 against a plain matmul + the fused loss, Liger's fused-linear JSD
    and cut-cross-entropy's linear_cross_entropy (CE alone: the floor of any fused-linear loss).
+4. Next to each measured CE + X forward+backward time of our Triton and CUDA backends, the static
+   model's prediction for it (benchmarks/gpu_model.py, its committed table): the first GPU run
+   checks the model too.
 
 Optional contenders are used where importable and named with the reason otherwise. Everything
 after the tests runs against a deadline (--budget-s): cases left over are written as skipped, so
@@ -33,11 +36,12 @@ import torch
 
 import intradistill_kernels as idk
 
-from . import measure, report
+from . import gpu_model, measure, report
+
 from .grid import Grid, gpu_check_grid
 from .run import base_parser, measure_shape, run_metadata
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 # The targets of the request, on H100/H200-class GPUs.
 TARGET_SHAPE = {"K": 3, "N": 8192, "V": 128256}
 FUSED_LINEAR_SHAPE = {"K": 3, "N": 8192, "H": 4096, "V": 128256}
@@ -70,7 +74,7 @@ def optional_contenders() -> dict:
 def build_cuda_extension() -> dict:
     """Builds (or loads) the C++ CUDA backend before the clock of the tests starts: a first-use
     build of csrc/ takes minutes and would otherwise be charged to the first cuda test."""
-    from ..ops import cpp
+    from intradistill_kernels.ops import cpp
 
     start = time.monotonic()
     ok = cpp.cuda_backend.is_available()
@@ -267,9 +271,56 @@ def run_fused_linear(shape: dict, dtype, device: str, deadline: Deadline, reps: 
     return rows, targets
 
 
+# --------------------------------------------------------------------------- the static model
+
+def model_check(rows: list[dict], path: Path = gpu_model.OUT / "model.json") -> list[dict]:
+    """The static model's prediction (benchmarks/gpu_model.py, H100 SXM at 1.98 GHz) for each
+    measured CE + X forward+backward row of our Triton and CUDA backends: the two-pass figure for
+    the `.two-pass` contenders, the one-pass range for the others. The first GPU run checks the
+    model with it: a measured time far above the prediction points at what the model leaves out."""
+    try:
+        table = gpu_model.load(path)
+    except (OSError, ValueError) as e:
+        return [{"skipped": f"no model table at {path}: {type(e).__name__}"}]
+    out = []
+    for r in rows:
+        name = str(r.get("contender", ""))
+        backend = name[len("intradistill["):].split("]")[0] if name.startswith("intradistill[") else None
+        if backend not in ("triton", "cuda") or r.get("mode") != "forward+backward" or r.get("loss") != "ce+x" \
+                or not r.get("ms"):
+            continue
+        variant = gpu_model.Variant(backend, r["K"], r["dtype"], "x", "-")
+        found = table.get(variant.key)
+        if found is None:
+            continue
+        clock = gpu_model.predict(variant, found["kernels"], r["N"], r["V"])["clocks"]["1.980 GHz"]
+        two_pass = name.endswith(".two-pass")
+        low, high = (clock["two_pass_ms"],) * 2 if two_pass else clock["one_pass_ms"]
+        out.append({"contender": name, "K": r["K"], "N": r["N"], "V": r["V"], "dtype": r["dtype"], "ms": r["ms"],
+                    "predicted_ms": [low, high], "measured_over_predicted": r["ms"] / high})
+    return out
+
+
+def model_markdown(checks: list[dict]) -> list[str]:
+    lines = ["## Static model check", "",
+             "Predicted by `benchmarks/gpu_model.py` for an H100 SXM at 1.98 GHz from the committed sm_90 counts "
+             "(forward+backward, CE + X; one-pass contenders: the range between perfect overlap and L2 misses).", "",
+             "| contender | K | N | V | dtype | measured ms | predicted ms | measured / predicted (upper) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in checks:
+        if "skipped" in c:
+            lines.append(f"| {c['skipped']} | | | | | | | |")
+            continue
+        low, high = c["predicted_ms"]
+        predicted = f"{low:.3g}" if low == high else f"{low:.3g}-{high:.3g}"
+        lines.append(f"| {c['contender']} | {c['K']} | {c['N']} | {c['V']} | {c['dtype']} | {c['ms']:.3g} | "
+                     f"{predicted} | {c['measured_over_predicted']:.2f} |")
+    return lines
+
+
 # --------------------------------------------------------------------------- writing
 
-def markdown(meta, tests, rows, target_rows, fl_rows, targets) -> str:
+def markdown(meta, tests, rows, target_rows, fl_rows, targets, checks=()) -> str:
     lines = [f"# gpu-check: `{meta['device']}`", "",
              f"{meta['date']}, torch {meta['torch']}, triton {meta.get('triton')}, backends {meta['backends']}; "
              f"copy bandwidth {meta['copy_gbps']:.0f} GB/s; wall time {meta.get('wall_s', 0):.0f} s"
@@ -289,6 +340,7 @@ def markdown(meta, tests, rows, target_rows, fl_rows, targets) -> str:
         ms = f"{r['ms']:.2f}" if r.get("ms") else f"skipped: {r.get('skipped')}"
         peak = "" if r.get("peak_extra_mb") is None else f"{r['peak_extra_mb']:.0f}"
         lines.append(f"| {r['K']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | {r['contender']} | {ms} | {peak} |")
+    lines += ["", *model_markdown(list(checks))]
     lines += ["", "## Target shapes", "", report.markdown(meta, target_rows), "## Grid", "", report.markdown(meta, rows)]
     return "\n".join(lines)
 
@@ -317,10 +369,11 @@ def plot_bandwidth(rows, out: Path) -> Path | None:
 
 def write(out: Path, meta, tests, rows, target_rows, fl_rows, targets) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    checks = model_check(target_rows + rows)
     payload = {"meta": meta, "tests": tests, "targets": targets, "fused_linear": fl_rows,
-               "target_rows": target_rows, "rows": rows}
+               "target_rows": target_rows, "rows": rows, "model_check": checks}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
-    (out / "results.md").write_text(markdown(meta, tests, rows, target_rows, fl_rows, targets))
+    (out / "results.md").write_text(markdown(meta, tests, rows, target_rows, fl_rows, targets, checks))
     report.plot(target_rows + rows, out)
     plot_bandwidth(rows, out)
 

@@ -66,6 +66,24 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 // never forms (−inf) − (−inf).
 __device__ __forceinline__ float finite_or_zero(float x) { return x == kNegInf ? 0.0f : x; }
 
+// The run-time options the sweeps branch on, read once per block: uniform branches.
+struct Options {
+  int K;
+  bool js, has_ce, smooth, softcap, has_z;
+};
+
+__device__ __forceinline__ Options read_options(const RowsArgs& a, const float* z_weights) {
+#ifdef INTRADISTILL_FIXED_OPTIONS
+  // benchmarks/gpu_model.py compiles the kernels of one configuration with its options as
+  // constants, so that each sweep's machine code is the one path this configuration runs.
+  (void)a, (void)z_weights;
+  return {INTRADISTILL_FIXED_K, INTRADISTILL_FIXED_JS != 0, true, INTRADISTILL_FIXED_SMOOTH != 0,
+          INTRADISTILL_FIXED_TRANSFORM != 0, INTRADISTILL_FIXED_HAS_Z != 0};
+#else
+  return {static_cast<int>(a.K), a.js, a.has_ce, a.has_ce && a.eps > 0.0f, a.softcap > 0.0f, z_weights != nullptr};
+#endif
+}
+
 // tanh in fp32 to about an ulp of t: expm1 keeps the relative precision of small arguments that
 // (1 − e^{−2|x|}) / (1 + e^{−2|x|}) loses, and fast-math builds may turn tanhf into the approximate
 // hardware instruction (relative error 2^-11).
@@ -76,15 +94,15 @@ __device__ __forceinline__ float tanh_fp32(float x) {
 
 // t = logit_scale·z, then softcap·tanh(t / softcap) with softcap > 0; −inf stays −inf (masked
 // vocabulary padding stays masked; tanh would map it to −softcap).
-__device__ __forceinline__ float transform(float z, const RowsArgs& a) {
+__device__ __forceinline__ float transform(float z, const RowsArgs& a, const Options& o) {
   const float t = a.logit_scale * z;
-  if (a.softcap > 0.0f) return z == kNegInf ? kNegInf : a.softcap * tanh_fp32(t / a.softcap);
+  if (o.softcap) return z == kNegInf ? kNegInf : a.softcap * tanh_fp32(t / a.softcap);
   return t;
 }
 
 // dt/dz from the transformed t: logit_scale·(1 − (t / softcap)²) with softcap, 0 at t = −inf.
-__device__ __forceinline__ float chain_factor(float t, const RowsArgs& a) {
-  if (a.softcap > 0.0f) {
+__device__ __forceinline__ float chain_factor(float t, const RowsArgs& a, const Options& o) {
+  if (o.softcap) {
     const float u = t / a.softcap;
     return t == kNegInf ? 0.0f : a.logit_scale * (1.0f - u * u);
   }
@@ -97,11 +115,12 @@ struct Group {
   static constexpr int W = 16 / sizeof(T);
 };
 
-// Classes [v, v + W) of one pass row into out (out-of-range classes read -inf).
-template <typename T, bool VEC>
+// Classes [v, v + W) of one pass row into out. FULL: all W are below V (no test; one 16-byte load
+// where VEC); otherwise out-of-range classes read -inf.
+template <typename T, bool VEC, bool FULL>
 __device__ __forceinline__ void load_group(const T* row, int64_t v, int64_t V, int64_t stride_v, float* out) {
   constexpr int W = Group<T>::W;
-  if (VEC && v + W <= V) {
+  if (VEC && FULL) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + v));
     const T* vals = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -111,20 +130,21 @@ __device__ __forceinline__ void load_group(const T* row, int64_t v, int64_t V, i
     // passes of 16-bit logits those addresses alone would take 128 registers.
     const T* at = row + v * stride_v;
 #pragma unroll
-    for (int j = 0; j < W; ++j, at += stride_v) out[j] = v + j < V ? to_float(*at) : kNegInf;
+    for (int j = 0; j < W; ++j, at += stride_v) out[j] = FULL || v + j < V ? to_float(*at) : kNegInf;
   }
 }
 
 // Transformed logits t of classes [v, v + W) of all passes; passes K..KT-1 (compile-time padding)
 // and classes beyond V read as -inf.
-template <typename T, int KT, bool VEC>
-__device__ __forceinline__ void load_passes(const T* row, const RowsArgs& a, int64_t v, int K, float (&z)[KT][Group<T>::W]) {
+template <typename T, int KT, bool VEC, bool FULL>
+__device__ __forceinline__ void load_passes(const T* row, const RowsArgs& a, const Options& o, int64_t v,
+                                            float (&z)[KT][Group<T>::W]) {
 #pragma unroll
   for (int k = 0; k < KT; ++k) {
-    if (k < K) {
-      load_group<T, VEC>(row + k * a.stride_k, v, a.V, a.stride_v, z[k]);
+    if (k < o.K) {
+      load_group<T, VEC, FULL>(row + k * a.stride_k, v, a.V, a.stride_v, z[k]);
 #pragma unroll
-      for (int j = 0; j < Group<T>::W; ++j) z[k][j] = transform(z[k][j], a);
+      for (int j = 0; j < Group<T>::W; ++j) z[k][j] = transform(z[k][j], a, o);
     } else {
 #pragma unroll
       for (int j = 0; j < Group<T>::W; ++j) z[k][j] = kNegInf;
@@ -132,21 +152,52 @@ __device__ __forceinline__ void load_passes(const T* row, const RowsArgs& a, int
   }
 }
 
-template <typename T, bool VEC>
+// 16 bytes of T from 16 / sizeof(T) floats, as four 32-bit words.
+__device__ __forceinline__ unsigned word(__half2 h) { return *reinterpret_cast<const unsigned*>(&h); }
+__device__ __forceinline__ unsigned word(__nv_bfloat162 h) { return *reinterpret_cast<const unsigned*>(&h); }
+
+template <typename T>
+__device__ __forceinline__ uint4 pack16(const float* in) {
+  if constexpr (std::is_same_v<T, float>) {
+    return make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
+  } else {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (std::is_same_v<T, __half>) w[i] = word(__floats2half2_rn(in[2 * i], in[2 * i + 1]));
+      else w[i] = word(__floats2bfloat162_rn(in[2 * i], in[2 * i + 1]));
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+template <typename T, bool VEC, bool FULL>
 __device__ __forceinline__ void store_group(T* row, int64_t v, int64_t V, int64_t stride_v, const float* in) {
   constexpr int W = Group<T>::W;
-  if (VEC && v + W <= V) {
-    uint4 raw;
-    T* vals = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < W; ++j) vals[j] = from_float<T>(in[j]);
-    *reinterpret_cast<uint4*>(row + v) = raw;
+  if (VEC && FULL) {
+    const uint4 raw = pack16<T>(in);
+    // One 16-byte store, spelled out: from a uint4 assignment nvcc emitted four 4-byte stores for
+    // every pass but the first (sm_90), and __stwb's cache-qualified store is a strong one.
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(row + v), "r"(raw.x), "r"(raw.y), "r"(raw.z),
+                 "r"(raw.w)
+                 : "memory");
   } else {
     T* at = row + v * stride_v;
 #pragma unroll
     for (int j = 0; j < W; ++j, at += stride_v)
-      if (v + j < V) *at = from_float<T>(in[j]);
+      if (FULL || v + j < V) *at = from_float<T>(in[j]);
   }
+}
+
+// Calls body(v, full) for each group of W classes this thread owns in a row of V: the full groups
+// in a loop without bounds tests, then the row's one partial group, if any (one thread has it).
+// full is std::true_type or std::false_type, so that the body can pass it on as a template flag.
+template <typename T, typename Body>
+__device__ __forceinline__ void for_each_group(int64_t V, Body&& body) {
+  constexpr int W = Group<T>::W;
+  int64_t v = static_cast<int64_t>(threadIdx.x) * W;
+  for (; v + W <= V; v += static_cast<int64_t>(kThreads) * W) body(v, std::true_type{});
+  if (v < V) body(v, std::false_type{});
 }
 
 // Block-wide reductions of KT values at once; every thread gets the results.
@@ -193,41 +244,34 @@ __device__ __forceinline__ void deviation_refs(const float (&z)[KT][W], int K, f
   }
 }
 
-// log p̄ of each class of the group, with log p_k = (t_k − shift_k) − log_s_k (padded passes are
-// −inf); the forward passes (M, log S), the backward (lse, 0).
+// log p̄ of each class of the group as log Σ_k p_k − ln K, with p_k = exp((t_k − shift_k) − log_s_k)
+// (the forward passes (M, log S), the backward (lse, 0)). p_k <= 1 needs no shift, and Σ_k p_k is
+// at least its largest term, so it is not flushed where some p_k is not 0; a class whose p_k are
+// all 0 gets −inf, which those p_k = 0 mask.
 template <int KT, int W>
 __device__ __forceinline__ void log_mean_prob(const float (&z)[KT][W], const float (&shift)[KT],
-                                              const float (&log_s)[KT], int K, float* out) {
+                                              const float (&log_s)[KT], int K, float ln_k, float* out) {
 #pragma unroll
   for (int j = 0; j < W; ++j) {
-    float lp[KT];
-    float mx = kNegInf;
-#pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      lp[k] = k < K ? (z[k][j] - shift[k]) - log_s[k] : kNegInf;
-      mx = fmaxf(mx, lp[k]);
-    }
-    const float safe = finite_or_zero(mx);
     float s = 0.0f;
 #pragma unroll
-    for (int k = 0; k < KT; ++k) s += __expf(lp[k] - safe);
-    out[j] = safe + __logf(s / K);
+    for (int k = 0; k < KT; ++k)
+      if (k < K) s += __expf((z[k][j] - shift[k]) - log_s[k]);
+    out[j] = __logf(s) - ln_k;
   }
 }
 
 // The per-row weights of the gradient, each divided by K (the row's values are means over passes).
 struct RowGrad {
   float g_ce, g_div, g_z;  // g_z = 2·w_z / K: ∂(lse²)/∂t = 2·lse·p
-  bool has_z;
 };
 
-__device__ __forceinline__ RowGrad row_grad(const RowsArgs& a, const RowWeights& w, int64_t n) {
-  const int K = static_cast<int>(a.K);
+__device__ __forceinline__ RowGrad row_grad(const Options& o, const RowWeights& w, int64_t n) {
+  const int K = o.K;
   RowGrad r;
   r.g_div = w.div[n] / K;
-  r.g_ce = a.has_ce ? w.ce[n] / K : 0.0f;
-  r.has_z = w.z != nullptr;
-  r.g_z = r.has_z ? 2.0f * w.z[n] / K : 0.0f;
+  r.g_ce = o.has_ce ? w.ce[n] / K : 0.0f;
+  r.g_z = o.has_z ? 2.0f * w.z[n] / K : 0.0f;
   return r;
 }
 
@@ -237,8 +281,10 @@ __device__ __forceinline__ void zero_grad_row(const RowsArgs& a, const GradArgs&
   float zero[W];
 #pragma unroll
   for (int j = 0; j < W; ++j) zero[j] = 0.0f;
-  for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < a.V; v += static_cast<int64_t>(kThreads) * W)
-    for (int k = 0; k < a.K; ++k) store_group<T, VEC>(grow + k * g.stride_k, v, a.V, g.stride_v, zero);
+  for_each_group<T>(a.V, [&](int64_t v, auto full) {
+    for (int k = 0; k < a.K; ++k)
+      store_group<T, VEC, decltype(full)::value>(grow + k * g.stride_k, v, a.V, g.stride_v, zero);
+  });
 }
 
 // The gradient of one active row (kernel spec §2), the loop of the exact backward and of the
@@ -246,24 +292,39 @@ __device__ __forceinline__ void zero_grad_row(const RowsArgs& a, const GradArgs&
 //   g_t = g_ce·(p_k − (1−ε)·onehot(y) − ε/V)      (has_ce)
 //       + g_div·[p_k ⊙ (d_k − s_k + 1) − p̄]         (X, §1.3) or g_div·p_k ⊙ (r_k − KL_k) (JS, §1.4)
 //       + g_z·lse_k·p_k                              (z term)
-// times dt/dz. VEC: 16-byte loads of the logits and stores of the gradient.
+// times dt/dz, computed with its per-pass terms folded into c_k and its per-class ones into q:
+//   g_t = p_k ⊙ (g_div·u_k + c_k) − q,   u_k = d_k (X) or r_k = log p_k − log p̄ (JS),
+//   c_k = g_div·(1 − s_k) (X) or −g_div·KL_k (JS), + g_ce + g_z·lse_k,
+//   q = g_div·p̄ (X only) + g_ce·((1−ε)·onehot(y) + ε/V),
+// the p_k-proportional part 0 where p_k = 0 (a class at −inf, whose u_k is not finite).
+// VEC: 16-byte loads of the logits and stores of the gradient.
 template <typename T, int KT, bool VEC>
-__device__ __forceinline__ void write_grad_row(const RowsArgs& a, const T* row, T* grow, const GradArgs& g, int64_t y,
-                                               const float (&lse)[KT], const float (&stat)[KT], const RowGrad& rg) {
+__device__ __forceinline__ void write_grad_row(const RowsArgs& a, const Options& o, const T* row, T* grow,
+                                               const GradArgs& g, int64_t y, const float (&lse)[KT],
+                                               const float (&stat)[KT], const RowGrad& rg) {
   constexpr int W = Group<T>::W;
   const int64_t V = a.V;
-  const int K = static_cast<int>(a.K);
-  const float smooth_term = a.has_ce ? a.eps / V : 0.0f;
-  float zero[KT];
+  const int K = o.K;
+  const float q_flat = o.has_ce ? rg.g_ce * a.eps / V : 0.0f, q_hot = rg.g_ce * (1.0f - a.eps);
+  const float ln_k = __logf(static_cast<float>(K));
+  float zero[KT], c[KT];
 #pragma unroll
-  for (int k = 0; k < KT; ++k) zero[k] = 0.0f;
-  float z[KT][W];
-  for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
+  for (int k = 0; k < KT; ++k) {
+    zero[k] = 0.0f;
+    c[k] = (o.js ? -rg.g_div * stat[k] : rg.g_div * (1.0f - stat[k])) + rg.g_ce + rg.g_z * lse[k];
+  }
+  for_each_group<T>(V, [&](int64_t v, auto full) {
+    constexpr bool FULL = decltype(full)::value;
+    float z[KT][W];
     // All K passes of the group are read before any is written: safe when grad aliases logits.
-    load_passes<T, KT, VEC>(row, a, v, K, z);
-    float aux[W], top[W], p_bar[W];
-    if (a.js) {
-      log_mean_prob<KT, W>(z, lse, zero, K, aux);  // aux = log p̄
+    load_passes<T, KT, VEC, FULL>(row, a, o, v, z);
+    // The target's place in the group (-1: elsewhere), so that the class compare is in 32 bits.
+    const int hot = y >= v && y < v + W ? static_cast<int>(y - v) : -1;
+    float aux[W], top[W], q[W];
+    if (o.js) {
+      log_mean_prob<KT, W>(z, lse, zero, K, ln_k, aux);  // aux = log p̄
+#pragma unroll
+      for (int j = 0; j < W; ++j) q[j] = q_flat + (j == hot ? q_hot : 0.0f);
     } else {
       deviation_refs<KT, W>(z, K, top, aux);  // aux = mean_k (t_k − top)
       // p_k is recomputed below rather than kept: a [KT][W] array more would not fit the
@@ -272,8 +333,9 @@ __device__ __forceinline__ void write_grad_row(const RowsArgs& a, const T* row, 
       for (int j = 0; j < W; ++j) {
         float ps = 0.0f;
 #pragma unroll
-        for (int k = 0; k < KT; ++k) ps += k < K ? __expf(z[k][j] - lse[k]) : 0.0f;
-        p_bar[j] = ps / K;
+        for (int k = 0; k < KT; ++k)
+          if (k < K) ps += __expf(z[k][j] - lse[k]);
+        q[j] = ps * (rg.g_div / K) + q_flat + (j == hot ? q_hot : 0.0f);
       }
     }
 #pragma unroll
@@ -283,21 +345,12 @@ __device__ __forceinline__ void write_grad_row(const RowsArgs& a, const T* row, 
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         const float pk = __expf(z[k][j] - lse[k]);
-        float t;
-        if (a.js) {
-          t = pk == 0.0f ? 0.0f : pk * ((z[k][j] - lse[k]) - aux[j] - stat[k]);  // p_j (r_j − KL_j)
-        } else {
-          const float d = (z[k][j] - finite_or_zero(top[j])) - aux[j];
-          t = (pk == 0.0f ? 0.0f : pk * (d - stat[k] + 1.0f)) - p_bar[j];  // p_j (d_j − s_j + 1) − p̄
-        }
-        float gj = rg.g_div * t;
-        if (a.has_ce) gj += rg.g_ce * (pk - (v + j == y ? 1.0f - a.eps : 0.0f) - smooth_term);
-        if (rg.has_z) gj += rg.g_z * lse[k] * pk;
-        out[j] = gj * chain_factor(z[k][j], a);
+        const float u = o.js ? (z[k][j] - lse[k]) - aux[j] : (z[k][j] - finite_or_zero(top[j])) - aux[j];
+        out[j] = ((pk == 0.0f ? 0.0f : pk * fmaf(rg.g_div, u, c[k])) - q[j]) * chain_factor(z[k][j], a, o);
       }
-      store_group<T, VEC>(grow + k * g.stride_k, v, V, g.stride_v, out);
+      store_group<T, VEC, FULL>(grow + k * g.stride_k, v, V, g.stride_v, out);
     }
-  }
+  });
 }
 
 // KT is a compile-time bound on the number of passes; passes K..KT-1 are padding read as -inf.
@@ -310,7 +363,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(RowsArgs 
   constexpr int W = Group<T>::W;
   __shared__ float smem[KT * kWarps];
   const int64_t n = blockIdx.x, N = a.N, V = a.V;
-  const int K = static_cast<int>(a.K);
+  const Options o = read_options(a, w.z);
+  const int K = o.K;
   const int64_t y = a.target[n];
   if (y < 0) {
     if (threadIdx.x == 0) {
@@ -321,21 +375,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(RowsArgs 
     return;
   }
   const T* row = static_cast<const T*>(a.logits) + a.row_off[n];
-  const bool smooth = a.has_ce && a.eps > 0.0f;
+  const bool smooth = o.smooth;
   // Cross-entropy is taken relative to the target logit (any finite reference would do). Read by
   // every thread before the first barrier: the one-pass forward may overwrite it afterwards.
   float zy[KT];
 #pragma unroll
-  for (int k = 0; k < KT; ++k) zy[k] = a.has_ce && k < K ? transform(to_float(row[k * a.stride_k + y * a.stride_v]), a) : 0.0f;
+  for (int k = 0; k < KT; ++k) zy[k] = o.has_ce && k < K ? transform(to_float(row[k * a.stride_k + y * a.stride_v]), a, o) : 0.0f;
 
   // One online pass: running max m, S = Σ e^(t−m), A = Σ e^(t−m)·(t − t̄), zs = Σ (t − ref_y).
-  float m[KT], S[KT], A[KT], zs[KT], z[KT][W];
+  float m[KT], S[KT], A[KT], zs[KT];
 #pragma unroll
   for (int k = 0; k < KT; ++k) m[k] = kNegInf, S[k] = A[k] = zs[k] = 0.0f;
-  for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
-    load_passes<T, KT, VEC>(row, a, v, K, z);
+  for_each_group<T>(V, [&](int64_t v, auto full) {
+    constexpr bool FULL = decltype(full)::value;
+    float z[KT][W];
+    load_passes<T, KT, VEC, FULL>(row, a, o, v, z);
     float top[W], t_bar[W];
-    if (!a.js) deviation_refs<KT, W>(z, K, top, t_bar);
+    if (!o.js) deviation_refs<KT, W>(z, K, top, t_bar);
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
       if (k >= K) break;
@@ -350,23 +406,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(RowsArgs 
       for (int j = 0; j < W; ++j) {
         const float e = __expf(z[k][j] - shift);
         s += e;
-        if (!a.js) {
+        if (!o.js) {
           // A class at -inf in every pass adds 0. One at -inf in some passes but not all makes
           // KL(p̄ ‖ p_k) = +inf exactly; deciding that on the logits, not on e > 0, keeps it +inf
           // where the finite passes' e underflows in fp32. A NaN logit gives e·d = NaN.
           acc += t_bar[j] == kNegInf ? (top[j] == kNegInf ? 0.0f : kInf)
                                      : e * ((z[k][j] - finite_or_zero(top[j])) - t_bar[j]);
         }
-        if (smooth) zsum += v + j < V ? z[k][j] - ref_y : 0.0f;
+        if (smooth) zsum += FULL || v + j < V ? z[k][j] - ref_y : 0.0f;
       }
       const float scale = __expf(m[k] - shift);
       S[k] = S[k] * scale + s;
       // +inf stays +inf: rescaling it by a scale that underflowed to 0 would make it NaN.
-      if (!a.js) A[k] = A[k] == kInf ? A[k] : A[k] * scale + acc;
+      if (!o.js) A[k] = A[k] == kInf ? A[k] : A[k] * scale + acc;
       zs[k] += zsum;
       m[k] = m_new;
     }
-  }
+  });
 
   float M[KT];
 #pragma unroll
@@ -379,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(RowsArgs 
     A[k] = A[k] == kInf ? A[k] : A[k] * f;
   }
   block_reduce<KT, false>(S, smem);
-  if (!a.js) block_reduce<KT, false>(A, smem);
+  if (!o.js) block_reduce<KT, false>(A, smem);
   if (smooth) block_reduce<KT, false>(zs, smem);
   float log_s[KT], lse[KT], stat[KT];
 #pragma unroll
@@ -389,16 +445,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(RowsArgs 
     stat[k] = k < K ? A[k] / S[k] : 0.0f;
   }
 
-  if (a.js) {
+  if (o.js) {
     // Second pass: KL_k = Σ p_k (log p_k − log p̄); log p̄ needs every lse_k first.
     // log p_k = (t − M_k) − log S_k, both differences small whatever the logits' offset.
+    const float ln_k = __logf(static_cast<float>(K));
     float kl[KT];
 #pragma unroll
     for (int k = 0; k < KT; ++k) kl[k] = 0.0f;
-    for (int64_t v = static_cast<int64_t>(threadIdx.x) * W; v < V; v += static_cast<int64_t>(kThreads) * W) {
-      load_passes<T, KT, VEC>(row, a, v, K, z);
+    for_each_group<T>(V, [&](int64_t v, auto full) {
+      float z[KT][W];
+      load_passes<T, KT, VEC, decltype(full)::value>(row, a, o, v, z);
       float lpbar[W];
-      log_mean_prob<KT, W>(z, M, log_s, K, lpbar);
+      log_mean_prob<KT, W>(z, M, log_s, K, ln_k, lpbar);
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
         if (k >= K) break;
@@ -409,7 +467,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(RowsArgs 
           kl[k] += p == 0.0f ? 0.0f : p * (lp - lpbar[j]);
         }
       }
-    }
+    });
+
     block_reduce<KT, false>(kl, smem);
 #pragma unroll
     for (int k = 0; k < KT; ++k) stat[k] = kl[k];
@@ -425,7 +484,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(RowsArgs 
       div += stat[k];
       lse_out[k * N + n] = lse[k];
       stat_out[k * N + n] = stat[k];
-      if (a.has_ce) {
+      if (o.has_ce) {
         // CE_k = lse_k − (1−ε)·t_y − ε·mean_v t, every term relative to ref_y.
         const float ref_y = finite_or_zero(zy[k]);
         const float ce_k = (M[k] - ref_y) + log_s[k];
@@ -433,13 +492,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(RowsArgs 
       }
     }
     div_row[n] = div / K;
-    ce_row[n] = a.has_ce ? ce / K : 0.0f;
+    ce_row[n] = o.has_ce ? ce / K : 0.0f;
   }
 
   if constexpr (EARLY) {
     // Every thread holds the same lse and stat (the block reductions broadcast them), the values
     // just stored for the exact backward.
-    write_grad_row<T, KT, VEC>(a, row, static_cast<T*>(g.data) + g.row_off[n], g, y, lse, stat, row_grad(a, w, n));
+    write_grad_row<T, KT, VEC>(a, o, row, static_cast<T*>(g.data) + g.row_off[n], g, y, lse, stat, row_grad(o, w, n));
   }
 }
 
@@ -447,7 +506,8 @@ template <typename T, int KT, bool VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(RowsArgs a, const float* lse_in, const float* stat_in,
                                                             RowWeights w, GradArgs g) {
   const int64_t n = blockIdx.x, N = a.N;
-  const int K = static_cast<int>(a.K);
+  const Options o = read_options(a, w.z);
+  const int K = o.K;
   const int64_t y = a.target[n];
   T* grow = static_cast<T*>(g.data) + g.row_off[n];
   if (y < 0) {
@@ -461,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(RowsArgs
     lse[k] = k < K ? lse_in[k * N + n] : 0.0f;
     stat[k] = k < K ? stat_in[k * N + n] : 0.0f;
   }
-  write_grad_row<T, KT, VEC>(a, row, grow, g, y, lse, stat, row_grad(a, w, n));
+  write_grad_row<T, KT, VEC>(a, o, row, grow, g, y, lse, stat, row_grad(o, w, n));
 }
 
 template <typename T, int KT>
@@ -514,6 +574,8 @@ constexpr int64_t kMaxBlocks = 2147483647;
 
 }  // namespace
 
+#ifndef INTRADISTILL_FIXED_OPTIONS  // benchmarks/gpu_model.py instantiates the kernels it counts itself
+
 cudaError_t launch_forward(const RowsArgs& a, float* ce_row, float* div_row, float* lse, float* stat,
                            const EarlyGrad* early, cudaStream_t stream) {
   if (a.K < 2 || a.K > kMaxPasses || a.N > kMaxBlocks) return cudaErrorInvalidValue;
@@ -537,5 +599,7 @@ cudaError_t launch_backward(const RowsArgs& a, const float* lse, const float* st
   }
   return cudaErrorInvalidValue;
 }
+
+#endif  // INTRADISTILL_FIXED_OPTIONS
 
 }  // namespace intradistill
