@@ -1,6 +1,6 @@
 """Call-to-call steadiness of the CPU backend's one-pass forward+backward in a training-like loop.
 
-    python -m benchmarks.cpu_steadiness [--calls 15] [--shape 3 512 32000] [--threads 2]
+    python -m benchmarks.cpu_steadiness [--calls 15] [--shape 3 512 32000] [--threads 2] [--out DIR]
 
 Every call gets fresh logits (a clone of the same tensor, the allocation a training step makes
 when its model writes new logits), and each call of the loop times, one after the other:
@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 import intradistill_kernels as idk
+
+from .report import device_name
 
 VMSTAT_KEYS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "compact_fail", "compact_success",
                "pgmajfault")
@@ -131,12 +133,16 @@ def table(result: dict) -> str:
     k, n, v = result["shape"]
     lines = [f"K={k} N={n} V={v} fp32, {result['threads']} threads, {result['calls']} calls, "
              f"load average {result['load_average'][0]} (before) / {result['load_average'][1]} (after)", "",
-             "| variant | min ms | median ms | max ms | max/min | calls > 2x min | minor faults/call (median) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | min ms | median ms | max ms | max/min | calls > 2x min | minor faults/call | system ms/call (median, max) | CPU share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in result["summary"].items():
-        faults = statistics.median(c["minflt"] for c in result["per_call"][name])
+        calls = result["per_call"][name]
+        faults = statistics.median(c["minflt"] for c in calls)
+        sys_ms = [c["sys_ms"] for c in calls]
+        # CPU time over threads x wall time: near 1 when the call had every core to itself
+        share = statistics.median((c["user_ms"] + c["sys_ms"]) / (result["threads"] * c["ms"]) for c in calls)
         lines.append(f"| {name} | {s['min']:.1f} | {s['median']:.1f} | {s['max']:.1f} | {s['max'] / s['min']:.2f} | "
-                     f"{s['over_2x_min']} | {faults:.0f} |")
+                     f"{s['over_2x_min']} | {faults:.0f} | {statistics.median(sys_ms):.1f}, {max(sys_ms):.1f} | {share:.2f} |")
     s = result["summary"]
     lines += ["", f"in-place / two exp passes into an existing tensor (medians): {s['in-place']['x_floor']:.2f}x",
               f"one-pass / one exp pass into a fresh tensor (medians): {s['one-pass']['x_fresh_exp']:.2f}x"]
@@ -151,13 +157,17 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pause", type=float, default=0.0,
                     help="seconds between two timed calls (the rest of a training step)")
-    ap.add_argument("--json", help="also write the per-call record (times, faults, vmstat deltas) here")
+    ap.add_argument("--out", help="directory for cpu_steadiness.md and cpu_steadiness.json (every call's record)")
     ap.add_argument("--quiet", action="store_true", help="no per-call line")
     args = ap.parse_args(argv)
     result = run(args.calls, tuple(args.shape), args.threads, not args.quiet, args.pause)
-    print(table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    text = f"Device: `{device_name('cpu')}`, torch {result['torch']}.\n\n{table(result)}\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cpu_steadiness.md").write_text(text)
+        (out / "cpu_steadiness.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
