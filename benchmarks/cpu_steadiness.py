@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import time
@@ -28,7 +27,7 @@ import torch
 
 import intradistill_kernels as idk
 
-from .report import device_name
+from .report import device_name, load_average
 
 VMSTAT_KEYS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "compact_fail", "compact_success",
                "pgmajfault")
@@ -95,13 +94,6 @@ def summarize(times: list[float]) -> dict:
     fastest = min(times)
     return {"min": fastest, "median": statistics.median(times), "max": max(times),
             "over_2x_min": sum(t > 2 * fastest for t in times)}
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def run(calls: int, shape: tuple[int, int, int], threads: int, verbose: bool, pause: float = 0.0) -> dict:

@@ -41,6 +41,14 @@ def default_out_dir(device: str) -> Path:
     return base / f"{device_name(device)}-{dt.date.today().isoformat()}"
 
 
+def load_average() -> str | None:
+    """The 1, 5 and 15 minute load averages ("0.52 0.61 0.70"), None where unknown."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
 def _fmt(x, spec):
     return "" if x is None else format(x, spec)
 
@@ -52,9 +60,14 @@ def _spread(r) -> str:
     return f"{r['min_ms']:.2f}-{r['max_ms']:.2f} ({r['calls']})"
 
 
+def _load_note(meta) -> str:
+    loads = meta.get("load_average") or []
+    return f" Load average at the start and end: {' / '.join(str(x) for x in loads)}." if any(loads) else ""
+
+
 def markdown(meta, rows) -> str:
     lines = [f"Device: `{meta['device']}`, {meta['date']}, torch {meta['torch']}, {meta['threads']} threads; "
-             f"backends {meta['backends']}.", "",
+             f"backends {meta['backends']}." + _load_note(meta), "",
              "| K | N | V | dtype | loss | mode | contender | ms | min-max ms (calls) | GB/s (minimal bytes) | % copy BW | x CPU floor | peak extra MB | speed-up vs paper eager | rel. error |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -30,7 +30,9 @@ from .memory import peak_extra_bytes
 def run_metadata(device: str, quick: bool) -> dict:
     return {"device": report.device_name(device), "date": dt.datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "backends": idk.available_backends(), "quick": bool(quick)}
+            "backends": idk.available_backends(), "quick": bool(quick),
+            # the machine may be shared: its load when the run began and (appended) when it ended
+            "load_average": [report.load_average()]}
 
 
 def _mode_ms(times: dict, fn, logits, target, mode, grid: Grid, device, floor: CpuFloor | None) -> float:
@@ -124,6 +126,7 @@ def run(args) -> Path:
     for (k, n, v), dtype in progress_bar(grid.jobs(), desc="shapes"):
         rows += measure_shape(k, n, v, dtype, grid, device, with_compile=not args.no_compile,
                               with_memory=not args.no_memory)
+    meta["load_average"].append(report.load_average())
     report.write_results(out, meta, rows)
     if args.out is None:
         report.update_readme(out)
