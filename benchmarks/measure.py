@@ -97,10 +97,39 @@ def minimal_bytes(k, n, v, elt, mode) -> int:
     return {"forward": per, "backward": 2 * per, "forward+backward": 2 * per}[mode]
 
 
+# CPU forward+backward: each case gets this many calls at least, each on fresh logits, so that the
+# table's spread (min / median / max) shows the slow calls a training loop pays and a minimum or
+# a median of few repetitions hides. Contenders slower than CPU_SLOW_CALL_S a call get the grid's
+# repetitions instead (the eager formula takes seconds a call on two cores).
+CPU_SPREAD_CALLS = 15
+CPU_SLOW_CALL_S = 1.0
+
+
+def cpu_training_step(fn, logits, target):
+    """A zero-argument callable returning the ms of one forward+backward of fn on fresh logits: a
+    clone, made untimed, as a training step's model writes new logits each step (the memory a
+    call writes first may then be new to the process, as in training). The clone is not a leaf,
+    as logits in training are not, and the gradient stops at it."""
+    src = logits.detach().requires_grad_()
+
+    def step() -> float:
+        x = src.clone()
+        t = time.perf_counter()
+        torch.autograd.grad(fn(x, target), x)
+        return 1e3 * (time.perf_counter() - t)
+
+    return step
+
+
+def spread(times: list[float]) -> dict:
+    """ms (the median), min_ms, max_ms and calls of a list of per-call times in ms."""
+    return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "calls": len(times)}
+
+
 class CpuFloor:
     """The CPU floor of a two-pass design (docs/design.md §2.2): the larger of 1.5 plain copies
     (2 reads + 1 write) and two torch.exp passes over the logits (exp, not memory, bounds this
-    loss on a CPU)."""
+    loss on a CPU), written into an existing tensor."""
 
     def __init__(self, logits):
         self.logits, self.dst = logits, torch.empty_like(logits)
@@ -114,24 +143,22 @@ class CpuFloor:
         exp = time.perf_counter() - t
         return 1e3 * max(1.5 * copy, 2 * exp)
 
-    def paired(self, fn, reps: int, seconds: float) -> tuple[float, float, float]:
-        """(median ms of fn, median floor ms, median of their per-repetition ratios), fn and the
-        floor timed alternately: on a shared machine the ratio of neighbouring measurements
-        drifts far less than either time. Fast contenders get more repetitions (up to 31, about
-        `seconds` of fn in all)."""
-        fn()
-        t = time.perf_counter()
-        fn()
-        first = time.perf_counter() - t
-        reps = max(reps, min(31, int(seconds / max(first, 1e-6))))
+    def paired(self, step, reps: int, seconds: float) -> dict:
+        """spread() of step's per-call ms, with floor_ms (the median floor) and x_floor (the median
+        of the per-call ratios to the floor timed right after it): on a shared machine the ratio
+        of neighbouring measurements drifts far less than either time. CPU_SPREAD_CALLS calls at
+        least (the grid's reps for contenders slower than CPU_SLOW_CALL_S); fast ones get up to 31,
+        about `seconds` of calls in all."""
+        step()  # warm: the first call of a torch.compile contender compiles
+        first = 1e-3 * step()
+        calls = reps if first > CPU_SLOW_CALL_S else max(reps, CPU_SPREAD_CALLS, min(31, int(seconds / max(first, 1e-6))))
         times, floors = [], []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
+        for _ in range(calls):
+            times.append(step())
             floors.append(self.once_ms())
-        ratio = statistics.median(a / b for a, b in zip(times, floors))
-        return statistics.median(times), statistics.median(floors), ratio
+        out = spread(times)
+        out.update(floor_ms=statistics.median(floors), x_floor=statistics.median(a / b for a, b in zip(times, floors)))
+        return out
 
 
 def copy_bandwidth(logits, device, reps) -> float:

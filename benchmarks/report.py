@@ -41,22 +41,42 @@ def default_out_dir(device: str) -> Path:
     return base / f"{device_name(device)}-{dt.date.today().isoformat()}"
 
 
+def load_average() -> str | None:
+    """The 1, 5 and 15 minute load averages ("0.52 0.61 0.70"), None where unknown."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
 def _fmt(x, spec):
     return "" if x is None else format(x, spec)
 
 
+def _spread(r) -> str:
+    """The per-call spread of a CPU forward+backward row: "min-max (calls)"."""
+    if r.get("min_ms") is None:
+        return ""
+    return f"{r['min_ms']:.2f}-{r['max_ms']:.2f} ({r['calls']})"
+
+
+def _load_note(meta) -> str:
+    loads = meta.get("load_average") or []
+    return f" Load average at the start and end: {' / '.join(str(x) for x in loads)}." if any(loads) else ""
+
+
 def markdown(meta, rows) -> str:
     lines = [f"Device: `{meta['device']}`, {meta['date']}, torch {meta['torch']}, {meta['threads']} threads; "
-             f"backends {meta['backends']}.", "",
-             "| K | N | V | dtype | loss | mode | contender | ms | GB/s (minimal bytes) | % copy BW | x CPU floor | peak extra MB | speed-up vs paper eager | rel. error |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"backends {meta['backends']}." + _load_note(meta), "",
+             "| K | N | V | dtype | loss | mode | contender | ms | min-max ms (calls) | GB/s (minimal bytes) | % copy BW | x CPU floor | peak extra MB | speed-up vs paper eager | rel. error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "mode" not in r:
-            lines.append(f"| {r['K']} | {r['N']} | {r['V']} | {r['dtype']} | | | {r.get('contender', '')} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['K']} | {r['N']} | {r['V']} | {r['dtype']} | | | {r.get('contender', '')} | skipped: {r['skipped']} | | | | | | | |")
             continue
         status = _fmt(r.get("ms"), ".2f") if r["correct"] else "WRONG RESULT: not timed"
         lines.append(
-            f"| {r['K']} | {r['N']} | {r['V']} | {r['dtype']} | {r['loss']} | {r['mode']} | {r['contender']} | {status} | "
+            f"| {r['K']} | {r['N']} | {r['V']} | {r['dtype']} | {r['loss']} | {r['mode']} | {r['contender']} | {status} | {_spread(r)} | "
             f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('pct_copy_bw'), '.0f')} | {_fmt(r.get('x_floor'), '.2f')} | "
             f"{_fmt(r.get('peak_extra_mb'), '.0f')} | {_fmt(r.get('speedup_vs_paper_eager'), '.1f')} | {r['rel_error']:.1e} |")
     return "\n".join(lines) + "\n"

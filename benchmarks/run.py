@@ -22,28 +22,32 @@ from intradistill_kernels._progress import progress_bar
 from . import contenders as C
 from . import report
 from .grid import Grid, grid_for
-from .measure import CpuFloor, check, copy_bandwidth, make_inputs, minimal_bytes, mode_callables, time_ms
+from .measure import (CpuFloor, check, copy_bandwidth, cpu_training_step, make_inputs, minimal_bytes, mode_callables,
+                      time_ms)
 from .memory import peak_extra_bytes
 
 
 def run_metadata(device: str, quick: bool) -> dict:
     return {"device": report.device_name(device), "date": dt.datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "backends": idk.available_backends(), "quick": bool(quick)}
+            "backends": idk.available_backends(), "quick": bool(quick),
+            # the machine may be shared: its load when the run began and (appended) when it ended
+            "load_average": [report.load_average()]}
 
 
 def _mode_ms(times: dict, fn, logits, target, mode, grid: Grid, device, floor: CpuFloor | None) -> float:
     """Time of `mode`, cached in `times` across the modes of one case. The backward is the
     forward+backward time less the forward's: a fused loss may compute its gradient during the
     forward (then the backward only scales it, in place, and cannot be replayed on its own).
-    On CPU, forward+backward is timed alternately with the floor, whose ratio lands in `times`."""
+    On CPU, forward+backward is timed call by call on fresh logits, alternately with the floor;
+    its spread and floor ratio land in times["spread"]."""
     if mode not in times:
         if mode == "backward":
             both = _mode_ms(times, fn, logits, target, "forward+backward", grid, device, floor)
             times[mode] = max(both - _mode_ms(times, fn, logits, target, "forward", grid, device, floor), 1e-6)
         elif mode == "forward+backward" and floor is not None:
-            callable_ = mode_callables(fn, logits, target, mode)
-            times[mode], times["floor_ms"], times["x_floor"] = floor.paired(callable_, grid.reps, grid.pair_seconds)
+            times["spread"] = floor.paired(cpu_training_step(fn, logits, target), grid.reps, grid.pair_seconds)
+            times[mode] = times["spread"]["ms"]
         else:
             times[mode] = time_ms(mode_callables(fn, logits, target, mode), device, grid.reps)
     return times[mode]
@@ -57,7 +61,7 @@ def _time_case(row, name, fn, logits, target, mode, grid: Grid, device, bandwidt
     nbytes = minimal_bytes(k, n, v, logits.element_size(), mode)
     row.update(ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, pct_copy_bw=100 * nbytes / (ms * 1e-3) / bandwidth)
     if floor is not None and mode == "forward+backward":
-        row.update(floor_ms=times["floor_ms"], x_floor=times["x_floor"])
+        row.update(times["spread"])
     if mode == "forward+backward" and row["loss"] != "x" and with_memory:
         extra = peak_extra_bytes(name, k, n, v, logits.dtype, device, fn, logits, target)
         row["peak_extra_mb"] = None if extra is None else extra / 2**20
@@ -122,6 +126,7 @@ def run(args) -> Path:
     for (k, n, v), dtype in progress_bar(grid.jobs(), desc="shapes"):
         rows += measure_shape(k, n, v, dtype, grid, device, with_compile=not args.no_compile,
                               with_memory=not args.no_memory)
+    meta["load_average"].append(report.load_average())
     report.write_results(out, meta, rows)
     if args.out is None:
         report.update_readme(out)

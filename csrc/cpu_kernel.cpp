@@ -43,6 +43,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -288,12 +289,14 @@ struct Weights {
   const float* z;
 };
 
-// Where a gradient goes: element (k, n, v) at data + row_off[n] + k * stride_k + v * stride_v.
+// Where a gradient goes: element (k, n, v) at data + row_off[n] + k * stride_k + v * stride_v;
+// stream: written with streaming stores (streams_well).
 template <typename T>
 struct GradOut {
   T* data;
   const int64_t* row_off;
   int64_t stride_k, stride_v;
+  bool stream;
 };
 
 // The one-pass forward keeps a token's exponentials from its statistics sweep to its gradient
@@ -517,9 +520,8 @@ void zero_row(T* grow, int64_t K, int64_t V, int64_t stride_k, int64_t stride_v)
     for (int64_t v = 0; v < V; ++v) grow[k * stride_k + v * stride_v] = T(0);
 }
 
-// The gradient is as large as the logits and nothing reads it before the kernel returns: streaming
-// stores write it without first reading each line into the cache (half the memory traffic of the
-// gradient sweep). x86 with AVX and float32 only; elsewhere ordinary stores.
+// Streaming stores (x86 with AVX, float32) write a line without reading it first; the caller
+// decides where they pay (streams_well).
 template <typename T>
 inline bool stream_row(const float* g, int64_t len, T* dst) {
 #if defined(__AVX__)
@@ -541,8 +543,8 @@ inline void stream_fence() {
 }
 
 template <typename T>
-inline void store_row(const float* g, int64_t len, T* dst, int64_t stride) {
-  if (stride == 1 && stream_row(g, len, dst)) return;
+inline void store_row(const float* g, int64_t len, T* dst, int64_t stride, bool stream) {
+  if (stream && stride == 1 && stream_row(g, len, dst)) return;
   if (stride == 1) {
     for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(g[i]);
   } else {
@@ -558,7 +560,7 @@ inline void store_row(const float* g, int64_t len, T* dst, int64_t stride) {
 // The logits may be overwritten: this sweep reads none of them before writing.
 template <typename T>
 void row_gradient_cached(const Rows<T>& rows, const T* row, int64_t y, const Config& c, float w_ce, float w_div,
-                         float w_z, T* grow, int64_t gstride_k, int64_t gstride_v, Scratch& sc) {
+                         float w_z, T* grow, int64_t gstride_k, int64_t gstride_v, bool stream, Scratch& sc) {
   const int64_t K = c.K, V = c.V;
   const float inv_k = 1.0f / static_cast<float>(K);
   const float g_div = w_div * inv_k;
@@ -591,7 +593,7 @@ void row_gradient_cached(const Rows<T>& rows, const T* row, int64_t y, const Con
       float* zk = &z[k * CHUNK];
       if (rows.tf.capped) rows.load(row, k, v0, len, padded, zk);
       rows.tf.chain(zk, g, len);
-      store_row(g, len, grow + k * gstride_k + v0 * gstride_v, gstride_v);
+      store_row(g, len, grow + k * gstride_k + v0 * gstride_v, gstride_v, stream);
     }
   }
 }
@@ -603,7 +605,7 @@ void row_gradient_cached(const Rows<T>& rows, const T* row, int64_t y, const Con
 template <typename T>
 void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c, const float* lse,
                   const float* stat, float w_ce, float w_div, float w_z, T* grow, int64_t gstride_k,
-                  int64_t gstride_v, Scratch& sc) {
+                  int64_t gstride_v, bool stream, Scratch& sc) {
   const int64_t K = c.K, V = c.V;
   const float inv_k = 1.0f / static_cast<float>(K);
   const float smooth_term = c.has_ce ? c.eps / static_cast<float>(V) : 0.0f;
@@ -674,7 +676,7 @@ void row_gradient(const Rows<T>& rows, const T* row, int64_t y, const Config& c,
         for (int64_t i = 0; i < len; ++i) g[i] += p_coef * pk[i] - offset;
       if (c.has_ce && y >= v0 && y < v0 + len) g[y - v0] -= g_ce * (1.0f - c.eps);
       rows.tf.chain(zk, g, len);
-      store_row(g, len, grow + k * gstride_k + v0 * gstride_v, gstride_v);
+      store_row(g, len, grow + k * gstride_k + v0 * gstride_v, gstride_v, stream);
     }
   }
 }
@@ -709,10 +711,11 @@ void forward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* ta
       T* grow = out->data + out->row_off[n];
       const float w_z = w->z ? w->z[n] : 0.0f;
       if (cache && !c.js)
-        row_gradient_cached(rows, row, y, c, w->ce[n], w->div[n], w_z, grow, out->stride_k, out->stride_v, sc);
+        row_gradient_cached(rows, row, y, c, w->ce[n], w->div[n], w_z, grow, out->stride_k, out->stride_v,
+                            out->stream, sc);
       else
         row_gradient(rows, row, y, c, sc.lse.data(), sc.stat.data(), w->ce[n], w->div[n], w_z, grow, out->stride_k,
-                     out->stride_v, sc);
+                     out->stride_v, out->stream, sc);
     }
     stream_fence();
   });
@@ -737,7 +740,7 @@ void backward_rows(const Rows<T>& rows, const int64_t* row_off, const int64_t* t
         stat_n[k] = stat[k * N + n];
       }
       row_gradient(rows, rows.data + row_off[n], y, c, lse_n.data(), stat_n.data(), w.ce[n], w.div[n],
-                   w.z ? w.z[n] : 0.0f, grow, out.stride_k, out.stride_v, sc);
+                   w.z ? w.z[n] : 0.0f, grow, out.stride_k, out.stride_v, out.stream, sc);
     }
     stream_fence();
   });
@@ -775,17 +778,27 @@ Transform make_transform(double logit_scale, double softcap) {
   return tf;
 }
 
-// A fresh gradient buffer as large as the logits comes straight from mmap, and faulting it in
-// 4 KiB pages on the first write costs more than the kernel itself (196 MB: 103 -> 46 ms on a
-// 2-core EPYC). Transparent huge pages cut the faults 512-fold, so ask for them before the
-// kernel touches the buffer. Only advice: nothing changes where THP is off or already touched.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.storage().nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+// Whether streaming stores pay for this gradient buffer: only where its lines are in memory but
+// not in cache, i.e. a buffer used before. A streaming store to a line that is in cache evicts it
+// first, and two cases have their lines in cache: in place, the logits were just read; and in a
+// fresh buffer, the kernel zeroes each page at its first write, which leaves the page in cache. A
+// fresh buffer is told apart by a page the allocator has not touched: the middle one, not yet
+// resident (mincore), where an allocator's own header may have faulted in the first.
+//
+// A fresh buffer is deliberately not advised to use transparent huge pages: in a VM whose guest
+// reports free memory to the hypervisor (virtio-balloon free page reporting, in 2 MiB blocks),
+// a huge page is exactly such a block, and its first touch after the host took it back costs
+// 512 host faults instead of one zeroing (per 2 MiB: 3-5 ms instead of 0.3 ms on the 2-vCPU
+// Xeon VM of the benchmarks), which made whole calls 7x slower, at random.
+bool streams_well(const at::Tensor& grad, const at::Tensor& logits) {
+  if (grad.storage().data() == logits.storage().data()) return false;
+#if defined(__linux__)
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto middle = reinterpret_cast<uintptr_t>(grad.storage().data()) + grad.storage().nbytes() / 2;
+  unsigned char resident = 0;
+  if (page > 0 && mincore(reinterpret_cast<void*>(middle & ~(page - 1)), 1, &resident) == 0) return resident & 1;
 #endif
+  return false;
 }
 
 Weights weights_of(const at::Tensor& w_ce, const at::Tensor& w_div, const std::optional<at::Tensor>& w_z, int64_t N) {
@@ -814,14 +827,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     TORCH_CHECK(w_ce && w_div && grad_row_off, "the one-pass forward needs w_ce, w_div and grad_row_off with grad");
     check_grad(*grad, *grad_row_off, logits, N);
     w = weights_of(*w_ce, *w_div, w_z, N);
-    if (grad->storage().data() != logits.storage().data()) advise_huge_pages(*grad);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "intradistill_forward", [&] {
     Rows<scalar_t> rows{logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(-1), tf};
     std::optional<GradOut<scalar_t>> out;
     if (grad)
       out = GradOut<scalar_t>{grad->data_ptr<scalar_t>(), grad_row_off->const_data_ptr<int64_t>(), grad->stride(0),
-                              grad->stride(-1)};
+                              grad->stride(-1), streams_well(*grad, logits)};
     forward_rows<scalar_t>(rows, row_off.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(), c,
                            ce.data_ptr<float>(), div.data_ptr<float>(), lse.data_ptr<float>(),
                            stat.data_ptr<float>(), N, grad ? &w : nullptr, out ? &*out : nullptr);
@@ -842,11 +854,10 @@ void backward(const at::Tensor& logits, const at::Tensor& row_off, const at::Ten
   const Weights w = weights_of(w_ce, w_div, w_z, N);
   const Config c{K, V, js, has_ce, static_cast<float>(eps)};
   const Transform tf = make_transform(logit_scale, softcap);
-  if (grad.storage().data() != logits.storage().data()) advise_huge_pages(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "intradistill_backward", [&] {
     Rows<scalar_t> rows{logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(-1), tf};
     const GradOut<scalar_t> out{grad.data_ptr<scalar_t>(), grad_row_off.const_data_ptr<int64_t>(), grad.stride(0),
-                                grad.stride(-1)};
+                                grad.stride(-1), streams_well(grad, logits)};
     backward_rows<scalar_t>(rows, row_off.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(), c,
                             lse.const_data_ptr<float>(), stat.const_data_ptr<float>(), w, out, N);
   });
