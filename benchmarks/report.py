@@ -130,16 +130,25 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
     plot(rows, out)
 
 
+def _index_line(folder: Path) -> str:
+    """- `folder`: [results.md](results/folder/results.md), ... (its first line: device and date)."""
+    files = sorted(f for f in folder.iterdir() if f.suffix in (".md", ".png"))
+    links = ", ".join(f"[{f.name}](results/{folder.name}/{f.name})" for f in files)
+    first = (folder / "results.md").read_text().splitlines()[0] if (folder / "results.md").is_file() else ""
+    return f"- `{folder.name}`: {links}" + (f"  \n  {first}" if first else "")
+
+
 def update_readme(out: Path) -> bool:
-    """Rewrites the generated section of benchmarks/README.md from every results/*/results.md,
-    if `out` lies in this checkout's benchmarks/results/; returns whether it did."""
+    """Rewrites the generated section of benchmarks/README.md, an index of every results folder
+    (device, date and links to its tables and plots; the tables stay in their own files), if
+    `out` lies in this checkout's benchmarks/results/; returns whether it did."""
     readme, results = CHECKOUT_BENCHMARKS / "README.md", CHECKOUT_BENCHMARKS / "results"
     if out.resolve().parent != results.resolve() or not readme.is_file():
         return False
     text = readme.read_text()
     if README_BEGIN not in text:
         return False
-    body = "\n".join(f"### {p.parent.name}\n\n{p.read_text()}" for p in sorted(results.glob("*/results.md")))
+    body = "\n".join(_index_line(folder) for folder in sorted(p for p in results.iterdir() if p.is_dir()))
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
     readme.write_text(f"{head}{README_BEGIN}\n<!-- written by python -m benchmarks.run; do not edit -->\n\n"
