@@ -12,12 +12,13 @@ import sys
 import pytest
 import torch
 
-from intradistill_kernels.ops import backend_available, backend_impl
-from intradistill_kernels.ops.backend import EarlyGrad, RowsConfig, RowWeights
+from intradistill_kernels.ops import registry
+from intradistill_kernels.ops.backend import EarlyGrad, RowWeights
+from intradistill_kernels.ops.spec import LossSpec
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="untouched pages are told apart on Linux only"),
-    pytest.mark.skipif(not backend_available("cpu"), reason="C++ cpu backend unavailable"),
+    pytest.mark.skipif(not registry.available("cpu"), reason="C++ cpu backend unavailable"),
 ]
 
 # A row of V floats is 32-byte aligned every other row and its last chunk is not a whole number of
@@ -58,9 +59,9 @@ def _problem(seed: int):
 
 @pytest.mark.parametrize("js", [False, True], ids=["x", "js"])
 def test_one_pass_gradient_is_the_same_into_any_buffer(js):
-    impl = backend_impl("cpu")
+    impl = registry.get("cpu")
     z, target, weights = _problem(1 + js)
-    cfg = RowsConfig(js=js, label_smoothing=0.1, has_ce=True, logit_scale=1.0, softcap=0.0)
+    cfg = LossSpec("cpu", divergence="js" if js else "x", label_smoothing=0.1)
     used = torch.full_like(z, 7.0)
     fresh = _untouched_like(z)
     over = z.clone()
@@ -73,9 +74,9 @@ def test_one_pass_gradient_is_the_same_into_any_buffer(js):
 
 
 def test_exact_backward_is_the_same_into_any_buffer():
-    impl = backend_impl("cpu")
+    impl = registry.get("cpu")
     z, target, weights = _problem(3)
-    cfg = RowsConfig(js=False, label_smoothing=0.0, has_ce=True, logit_scale=1.0, softcap=0.0)
+    cfg = LossSpec("cpu")
     stats = impl.forward(z, target, cfg)
     used = torch.full_like(z, 7.0)
     fresh = _untouched_like(z)
