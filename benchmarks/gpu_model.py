@@ -4,6 +4,7 @@ no GPU needed. Its figures are predictions until a GPU measures them (`make gpu-
     python -m benchmarks.gpu_model                  # the grid -> benchmarks/results/gpu-model-h100-sm90/
     python -m benchmarks.gpu_model --headline       # K = 2, 3, 4, CE + X only, printed
     python -m benchmarks.gpu_model --compare FILE   # exit 1 where a prediction is > 5% slower than FILE's
+    python -m benchmarks.gpu_model --summary        # the table of docs/design.md §2.5, from the committed one
 
 Each variant is compiled as it runs: the Triton kernels with the project's ahead-of-time helper
 (tests/aot_compile.py: compile_variant, the launcher's constexprs, num_warps and maxnreg), the
@@ -462,6 +463,32 @@ def _model_one(variant: Variant) -> dict:
     return model_variant(variant, nvdisasm(), nvcc())
 
 
+def summary(table: dict[str, dict]) -> str:
+    """The compact table of docs/design.md §2.5, from a committed table: per backend, K and dtype,
+    CE + X plain and the slowest option set, warp-instructions per element of each sweep and the
+    forward + backward prediction as a multiple of the floor."""
+    lines = ["| backend | dtype | K | CE + X: statistics / gradient warp-instr per element | two-pass x floor | "
+             "one-pass x floor | slowest variant (x floor, bound) |", "|---|---|---|---|---|---|---|"]
+    for backend in ("triton", "cuda"):
+        for dtype in ("bfloat16", "float32"):
+            for k in range(2, 9):
+                r = table.get(Variant(backend, k, dtype, "x", "-").key)
+                if r is None:
+                    continue
+                c = r["prediction"]["clocks"]["1.980 GHz"]
+                stats = r["kernels"]["forward"]["sweeps"][0]["warp_instr_per_element"]
+                grad = r["kernels"]["backward"]["sweeps"][0]["warp_instr_per_element"]
+                others = [table[v.key] for v in grid((backend,)) if v.k == k and v.dtype == dtype and v.key in table]
+                worst = max(others, key=lambda o: o["prediction"]["clocks"]["1.980 GHz"]["two_pass_x_floor"])
+                wc = worst["prediction"]["clocks"]["1.980 GHz"]
+                bound = ", ".join(sorted(set(wc["bound"].values())))
+                wv = worst["variant"]
+                lines.append(f"| {backend} | {dtype} | {k} | {stats:.2f} / {grad:.2f} | {c['two_pass_x_floor']:.2f} | "
+                             f"{c['one_pass_x_floor'][0]:.2f}-{c['one_pass_x_floor'][1]:.2f} | ce+{wv['divergence']} "
+                             f"{wv['options']}: {wc['two_pass_x_floor']:.2f} ({bound}) |")
+    return "\n".join(lines)
+
+
 def run(variants: list[Variant], out: Path | None, quiet: bool = False, jobs: int = 1) -> list[dict]:
     """Models the variants (CUDA ones only where nvcc exists), in `jobs` processes; writes
     model.md and model.json into `out` unless it is None."""
@@ -530,7 +557,12 @@ def main(argv=None) -> None:
     ap.add_argument("--backend", choices=("triton", "cuda", "both"), default="both")
     ap.add_argument("--compare", metavar="FILE", help="fail where a prediction is > 5%% slower than FILE's")
     ap.add_argument("--jobs", type=int, default=1, help="variants modelled in parallel (processes)")
+    ap.add_argument("--summary", action="store_true", help="print docs/design.md's table from the committed one")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summary(load(Path(args.out) / "model.json")))
+        return
+
     backends = ("triton", "cuda") if args.backend == "both" else (args.backend,)
     variants = headline(backends) if args.headline else grid(backends)
     out = None if (args.headline or args.compare) else Path(args.out)
