@@ -230,9 +230,9 @@ TRITON_KERNELS = {"forward": ("_forward_kernel", False), "one-pass": ("_forward_
                   "backward": ("_backward_kernel", None)}
 
 
-def compile_triton(variant: Variant) -> dict[str, tuple[bytes, int]]:
-    """kernel -> (cubin, registers per thread), as the launcher specialises it for a contiguous
-    [K, N, V] tensor (16-byte aligned rows, unit class stride)."""
+def compile_triton(variant: Variant) -> dict[str, tuple[bytes, int, int]]:
+    """kernel -> (cubin, registers per thread, warps), as the launcher specialises it for a
+    contiguous [K, N, V] tensor (16-byte aligned rows, unit class stride)."""
     os.environ["TRITON_INTERPRET"] = "0"
     for p in (str(ROOT), str(ROOT / "tests")):
         if p not in sys.path:
@@ -243,11 +243,7 @@ def compile_triton(variant: Variant) -> dict[str, tuple[bytes, int]]:
     options = {"SCALE": True, "SOFTCAP": True, "HAS_Z": True} if variant.llm else {}
     out = {}
     for name, (kernel_name, early) in TRITON_KERNELS.items():
-        opts = dict(options)
-        if early is not None:
-            opts["EARLY"] = early
-        elif not variant.llm:
-            opts = {}
+        opts = dict(options) if early is None else dict(options, EARLY=early)
         compiled = aot_compile.compile_variant(getattr(kernels, kernel_name), variant.dtype, 90, (variant.k, V),
                                                variant.flags, None, True, opts)
         usage = aot_compile.ptxas_usage(compiled.asm["ptx"], 90)
