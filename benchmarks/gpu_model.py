@@ -4,6 +4,7 @@ no GPU needed. Its figures are predictions until a GPU measures them (`make gpu-
     python -m benchmarks.gpu_model                  # the grid -> benchmarks/results/gpu-model-h100-sm90/
     python -m benchmarks.gpu_model --headline       # K = 2, 3, 4, CE + X only, printed
     python -m benchmarks.gpu_model --compare FILE   # exit 1 where a prediction is > 5% slower than FILE's
+    python -m benchmarks.gpu_model --summary        # the table of docs/design.md §2.5, from the committed one
 
 Each variant is compiled as it runs: the Triton kernels with the project's ahead-of-time helper
 (tests/aot_compile.py: compile_variant, the launcher's constexprs, num_warps and maxnreg), the
@@ -229,9 +230,9 @@ TRITON_KERNELS = {"forward": ("_forward_kernel", False), "one-pass": ("_forward_
                   "backward": ("_backward_kernel", None)}
 
 
-def compile_triton(variant: Variant) -> dict[str, tuple[bytes, int]]:
-    """kernel -> (cubin, registers per thread), as the launcher specialises it for a contiguous
-    [K, N, V] tensor (16-byte aligned rows, unit class stride)."""
+def compile_triton(variant: Variant) -> dict[str, tuple[bytes, int, int]]:
+    """kernel -> (cubin, registers per thread, warps), as the launcher specialises it for a
+    contiguous [K, N, V] tensor (16-byte aligned rows, unit class stride)."""
     os.environ["TRITON_INTERPRET"] = "0"
     for p in (str(ROOT), str(ROOT / "tests")):
         if p not in sys.path:
@@ -242,11 +243,7 @@ def compile_triton(variant: Variant) -> dict[str, tuple[bytes, int]]:
     options = {"SCALE": True, "SOFTCAP": True, "HAS_Z": True} if variant.llm else {}
     out = {}
     for name, (kernel_name, early) in TRITON_KERNELS.items():
-        opts = dict(options)
-        if early is not None:
-            opts["EARLY"] = early
-        elif not variant.llm:
-            opts = {}
+        opts = dict(options) if early is None else dict(options, EARLY=early)
         compiled = aot_compile.compile_variant(getattr(kernels, kernel_name), variant.dtype, 90, (variant.k, V),
                                                variant.flags, None, True, opts)
         usage = aot_compile.ptxas_usage(compiled.asm["ptx"], 90)
@@ -462,6 +459,32 @@ def _model_one(variant: Variant) -> dict:
     return model_variant(variant, nvdisasm(), nvcc())
 
 
+def summary(table: dict[str, dict]) -> str:
+    """The compact table of docs/design.md §2.5, from a committed table: per backend, K and dtype,
+    CE + X plain and the slowest option set, warp-instructions per element of each sweep and the
+    forward + backward prediction as a multiple of the floor."""
+    lines = ["| backend | dtype | K | CE + X: statistics / gradient warp-instr per element | two-pass x floor | "
+             "one-pass x floor | slowest variant (x floor, bound) |", "|---|---|---|---|---|---|---|"]
+    for backend in ("triton", "cuda"):
+        for dtype in ("bfloat16", "float32"):
+            for k in range(2, 9):
+                r = table.get(Variant(backend, k, dtype, "x", "-").key)
+                if r is None:
+                    continue
+                c = r["prediction"]["clocks"]["1.980 GHz"]
+                stats = r["kernels"]["forward"]["sweeps"][0]["warp_instr_per_element"]
+                grad = r["kernels"]["backward"]["sweeps"][0]["warp_instr_per_element"]
+                others = [table[v.key] for v in grid((backend,)) if v.k == k and v.dtype == dtype and v.key in table]
+                worst = max(others, key=lambda o: o["prediction"]["clocks"]["1.980 GHz"]["two_pass_x_floor"])
+                wc = worst["prediction"]["clocks"]["1.980 GHz"]
+                bound = ", ".join(sorted(set(wc["bound"].values())))
+                wv = worst["variant"]
+                lines.append(f"| {backend} | {dtype} | {k} | {stats:.2f} / {grad:.2f} | {c['two_pass_x_floor']:.2f} | "
+                             f"{c['one_pass_x_floor'][0]:.2f}-{c['one_pass_x_floor'][1]:.2f} | ce+{wv['divergence']} "
+                             f"{wv['options']}: {wc['two_pass_x_floor']:.2f} ({bound}) |")
+    return "\n".join(lines)
+
+
 def run(variants: list[Variant], out: Path | None, quiet: bool = False, jobs: int = 1) -> list[dict]:
     """Models the variants (CUDA ones only where nvcc exists), in `jobs` processes; writes
     model.md and model.json into `out` unless it is None."""
@@ -493,10 +516,17 @@ def run(variants: list[Variant], out: Path | None, quiet: bool = False, jobs: in
         meta = {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "nvcc": nvcc_version,
                 "nvdisasm": "PATH" if shutil.which("nvdisasm") else "nvidia-cuda-nvdisasm", "machine": MACHINE,
                 "shape": {"N": N, "V": V}}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "model.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-        (out / "model.md").write_text(markdown(results, meta))
+        write(out, meta, results)
     return results
+
+
+def write(out: Path, meta: dict, results: list[dict]) -> None:
+    """model.md, and model.json with one variant per line (readable diffs, a third of indent's size)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in results)
+    (out / "model.json").write_text(f'{{"meta": {json.dumps(meta)},\n"results": [\n{lines}\n]}}\n')
+    (out / "model.md").write_text(markdown(results, meta))
+
 
 
 def load(path: Path = OUT / "model.json") -> dict[str, dict]:
@@ -530,7 +560,12 @@ def main(argv=None) -> None:
     ap.add_argument("--backend", choices=("triton", "cuda", "both"), default="both")
     ap.add_argument("--compare", metavar="FILE", help="fail where a prediction is > 5%% slower than FILE's")
     ap.add_argument("--jobs", type=int, default=1, help="variants modelled in parallel (processes)")
+    ap.add_argument("--summary", action="store_true", help="print docs/design.md's table from the committed one")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summary(load(Path(args.out) / "model.json")))
+        return
+
     backends = ("triton", "cuda") if args.backend == "both" else (args.backend,)
     variants = headline(backends) if args.headline else grid(backends)
     out = None if (args.headline or args.compare) else Path(args.out)

@@ -70,17 +70,19 @@ __device__ __forceinline__ float finite_or_zero(float x) { return x == kNegInf ?
 struct Options {
   int K;
   bool js, has_ce, smooth, softcap, has_z;
+  float inv_softcap;  // 1 / softcap where softcap > 0: a multiply per element, not a division
 };
 
 __device__ __forceinline__ Options read_options(const RowsArgs& a, const float* z_weights) {
 #ifdef INTRADISTILL_FIXED_OPTIONS
   // benchmarks/gpu_model.py compiles the kernels of one configuration with its options as
   // constants, so that each sweep's machine code is the one path this configuration runs.
-  (void)a, (void)z_weights;
+  (void)z_weights;
   return {INTRADISTILL_FIXED_K, INTRADISTILL_FIXED_JS != 0, true, INTRADISTILL_FIXED_SMOOTH != 0,
-          INTRADISTILL_FIXED_TRANSFORM != 0, INTRADISTILL_FIXED_HAS_Z != 0};
+          INTRADISTILL_FIXED_TRANSFORM != 0, INTRADISTILL_FIXED_HAS_Z != 0, 1.0f / a.softcap};
 #else
-  return {static_cast<int>(a.K), a.js, a.has_ce, a.has_ce && a.eps > 0.0f, a.softcap > 0.0f, z_weights != nullptr};
+  return {static_cast<int>(a.K), a.js, a.has_ce, a.has_ce && a.eps > 0.0f, a.softcap > 0.0f,
+          z_weights != nullptr,   a.softcap > 0.0f ? 1.0f / a.softcap : 0.0f};
 #endif
 }
 
@@ -96,14 +98,20 @@ __device__ __forceinline__ float tanh_fp32(float x) {
 // vocabulary padding stays masked; tanh would map it to −softcap).
 __device__ __forceinline__ float transform(float z, const RowsArgs& a, const Options& o) {
   const float t = a.logit_scale * z;
-  if (o.softcap) return z == kNegInf ? kNegInf : a.softcap * tanh_fp32(t / a.softcap);
+  if (o.softcap) {
+    // Formed for every element (tanh_fp32(−inf) is −1, no NaN) and then selected: nvcc made a
+    // branch of a conditional evaluation, one per element in every sweep.
+    const float capped = a.softcap * tanh_fp32(t * o.inv_softcap);
+    return z == kNegInf ? kNegInf : capped;
+  }
   return t;
 }
 
 // dt/dz from the transformed t: logit_scale·(1 − (t / softcap)²) with softcap, 0 at t = −inf.
 __device__ __forceinline__ float chain_factor(float t, const RowsArgs& a, const Options& o) {
   if (o.softcap) {
-    const float u = t / a.softcap;
+    const float u = t * o.inv_softcap;
+
     return t == kNegInf ? 0.0f : a.logit_scale * (1.0f - u * u);
   }
   return a.logit_scale;

@@ -114,3 +114,23 @@ def test_predictions_do_not_regress():
     if run.returncode == gpu_model.NO_NVDISASM:
         pytest.skip("nvdisasm is not installed and could not be installed from the package registry")
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+def test_gpu_check_puts_the_prediction_next_to_the_measured_time():
+    from benchmarks import gpu_check
+
+    base = {"mode": "forward+backward", "loss": "ce+x", "K": 3, "N": 8192, "V": 128256, "dtype": "bfloat16", "ms": 6.0}
+    rows = [dict(base, contender="intradistill[triton]"), dict(base, contender="intradistill[cuda].two-pass"),
+            dict(base, contender="intradistill[cpu]"), dict(base, contender="intradistill[triton]", mode="forward")]
+    checks = gpu_check.model_check(rows)
+    assert [c["contender"] for c in checks] == ["intradistill[triton]", "intradistill[cuda].two-pass"]
+    table = _committed()
+    one = table[gpu_model.Variant("triton", 3, "bfloat16", "x", "-").key]["prediction"]["clocks"]["1.980 GHz"]
+    two = table[gpu_model.Variant("cuda", 3, "bfloat16", "x", "-").key]["prediction"]["clocks"]["1.980 GHz"]
+    assert checks[0]["predicted_ms"] == pytest.approx(one["one_pass_ms"])
+    assert checks[1]["predicted_ms"] == pytest.approx([two["two_pass_ms"]] * 2)
+    assert checks[0]["measured_over_predicted"] == pytest.approx(6.0 / one["one_pass_ms"][1])
+    # Another shape: the same counts over a quarter of the elements.
+    quarter = gpu_check.model_check([dict(rows[1], N=2048)])[0]
+    assert quarter["predicted_ms"][0] == pytest.approx(two["two_pass_ms"] / 4)
+    assert "| intradistill[triton] | 3 |" in "\n".join(gpu_check.model_markdown(checks))
