@@ -18,7 +18,7 @@ import torch
 from expected_backends import require, why_absent
 from helpers import TOLERANCES, assert_close_grads
 from intradistill_kernels import reference
-from intradistill_kernels.ops import registry
+from intradistill_kernels.ops import eager, registry
 from intradistill_kernels.ops.backend import EarlyGrad, RowWeights
 from intradistill_kernels.ops.spec import LossSpec
 
@@ -266,3 +266,32 @@ def test_cpu_softcap_of_huge_logits_stays_finite():
     impl.backward(z, target, stats.lse, stats.stat, weights, case.cfg(impl.name), grad)
     assert bool(torch.isfinite(grad).all())
     _check_reference(stats, grad, z, target, weights, case, torch.float32)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 2])
+@pytest.mark.parametrize("js", [False, True], ids=["x", "js"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_torch_backend_rows_in_chunks_equal_one_chunk(monkeypatch, rows_per_chunk, js, strided):
+    """The "torch" backend works through the logits a few rows at a time (eager.CHUNK_ELEMENTS):
+    statistics, the exact gradient and the one-pass gradient (written over strided logits, which
+    no [K, N, V] view reaches) are those of the whole tensor at once, bit for bit."""
+    impl, device = _backend("torch")
+    case = Case(3, 1000, js=js, smoothing=0.1, logit_scale=0.7, softcap=5.0, z=True)
+    z, target, weights = _problem(case, torch.float32, device, _seed("chunks", case, strided), strided)
+    cfg = case.cfg(impl.name)
+
+    def run():
+        stats = impl.forward(z, target, cfg)
+        exact = _same_layout(z, fill=7.0)
+        impl.backward(z, target, stats.lse, stats.stat, weights, cfg, exact)
+        logits = _same_layout(z)
+        early = impl.forward(logits, target, cfg, EarlyGrad(weights, logits))
+        return [*stats, exact, *early, logits]
+
+    monkeypatch.setattr(eager, "CHUNK_ELEMENTS", {device: z.numel()})
+    whole = run()
+    monkeypatch.setattr(eager, "CHUNK_ELEMENTS", {device: rows_per_chunk * case.k * case.v})
+    assert len(eager.row_chunks(case.k, target.numel(), case.v, z.device)) > 1
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _check_reference(whole[:4], whole[4], z, target, weights, case, torch.float32)

@@ -50,6 +50,9 @@ class RowWeights(NamedTuple):
     def unpacked(t: Tensor) -> RowWeights:
         return RowWeights(t[0], t[1], t[2] if t.shape[0] == 3 else None)
 
+    def rows(self, rows: slice) -> RowWeights:
+        return RowWeights(*(w if w is None else w[rows] for w in self))
+
 
 class EarlyGrad(NamedTuple):
     """The one-pass forward's request: write the gradient with these weights while the token's

@@ -15,6 +15,8 @@ differentiated (create_graph=True).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backend import EarlyGrad, RowStats, RowWeights
@@ -22,6 +24,13 @@ from .spec import LossSpec
 
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
+
+# Elements of one [K, rows, V] temporary: the backend works through the logits a few rows at a
+# time. On a CPU its ~20 temporaries then stay in cache and are reused from the heap, where
+# whole-size ones are each a fresh mapping whose every page faults on first touch (several times
+# slower: the runner's intradistill[torch] rows); elsewhere the bound caps the extra memory.
+CHUNK_ELEMENTS = {"cpu": 1 << 20}
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,6 +137,37 @@ def row_gradient(t: Tensor, target: Tensor, lse: Tensor, stat: Tensor, weights: 
     return torch.where((target >= 0)[None, :, None], g, 0.0)
 
 
+def row_chunks(k: int, n: int, v: int, device: torch.device) -> list[slice]:
+    """Row ranges of at most CHUNK_ELEMENTS elements per [K, rows, V] tensor (one row at least)."""
+    rows = max(1, CHUNK_ELEMENTS.get(device.type, DEFAULT_CHUNK_ELEMENTS) // max(1, k * v))
+    return [slice(a, min(n, a + rows)) for a in range(0, max(n, 1), rows)]
+
+
+def transformed_rows(logits: Tensor, target: Tensor, spec: LossSpec):
+    """(rows, t) for each chunk of rows: t the transformed [K, rows, V] logits, inactive rows zeroed."""
+    k, v = logits.shape[0], logits.shape[-1]
+    z = logits.reshape(k, -1, v)
+    for rows in row_chunks(k, z.shape[1], v, z.device):
+        yield rows, active_transformed(z[:, rows], target[rows], spec)
+
+
+class _GradRows:
+    """A [K, *B, V] gradient as [K, N, V] rows to write into: a view where the strides allow, else a
+    buffer copied into it by done()."""
+
+    def __init__(self, grad: Tensor):
+        self.grad = grad
+        k, v = grad.shape[0], grad.shape[-1]
+        try:
+            self.rows, self.copy = grad.view(k, -1, v), False
+        except RuntimeError:
+            self.rows, self.copy = grad.new_empty((k, math.prod(grad.shape[1:-1]), v)), True
+
+    def done(self) -> None:
+        if self.copy:
+            self.grad.copy_(self.rows.view(self.grad.shape))
+
+
 def active_transformed(logits: Tensor, target: Tensor, spec: LossSpec) -> Tensor:
     """[K, N, V] transformed logits with inactive rows zeroed before any arithmetic."""
     k, v = logits.shape[0], logits.shape[-1]
@@ -148,21 +188,29 @@ class EagerBackend:
         return True
 
     def details(self) -> list[str]:
-        return ["the kernels' algorithm in eager torch (intradistill_kernels/ops/eager.py): slower, more memory"]
+        return ["the kernels' algorithm as eager torch operations, a few rows at a time "
+                "(intradistill_kernels/ops/eager.py)"]
 
     def forward(self, logits, target, spec: LossSpec, early: EarlyGrad | None = None) -> RowStats:
+        out = _GradRows(early.grad) if early is not None else None
+        parts = []
         with torch.no_grad():
-            t = active_transformed(logits, target, spec)
-            stats = row_terms(t, target, spec)
-            if early is not None:
-                g = row_gradient(t, target, stats.lse, stats.stat, early.weights, spec)
-                early.grad.copy_(g.reshape(early.grad.shape))
-        return stats
+            for rows, t in transformed_rows(logits, target, spec):
+                stats = row_terms(t, target[rows], spec)
+                if out is not None:
+                    out.rows[:, rows] = row_gradient(t, target[rows], stats.lse, stats.stat,
+                                                     early.weights.rows(rows), spec)
+                parts.append(stats)
+        if out is not None:
+            out.done()
+        return RowStats(*(torch.cat(p, dim=-1) for p in zip(*parts)))
 
     def backward(self, logits, target, lse, stat, weights: RowWeights, spec: LossSpec, grad) -> None:
+        out = _GradRows(grad)
         with torch.no_grad():
-            t = active_transformed(logits, target, spec)
-            grad.copy_(row_gradient(t, target, lse, stat, weights, spec).reshape(grad.shape))
+            for rows, t in transformed_rows(logits, target, spec):
+                out.rows[:, rows] = row_gradient(t, target[rows], lse[:, rows], stat[:, rows], weights.rows(rows), spec)
+        out.done()
 
 
 backend = EagerBackend()

@@ -83,6 +83,12 @@ def _target_logits(logits: Tensor, local_target: Tensor, spec: LossSpec) -> Tens
     return torch.where(owned, t_y, 0.0)
 
 
+def _kl_to_mean(t: Tensor, lse: Tensor) -> Tensor:
+    """This shard's part of KL(p_k ‖ p̄) per row, from the global log-sum-exp."""
+    logp = t - lse[..., None].to(t.dtype)
+    return eager.masked_product(logp.exp(), logp - eager.log_mean_prob(logp)).sum(-1)
+
+
 def combine(logits: Tensor, local_target: Tensor, spec: LossSpec, group, v_total: int) -> RowStats:
     """The global statistics of every row from this rank's shard of its logits (collective)."""
     active = local_target >= 0
@@ -96,13 +102,12 @@ def combine(logits: Tensor, local_target: Tensor, spec: LossSpec, group, v_total
     if spec.has_ce:
         pieces.append(_target_logits(logits, local_target, spec))
         if spec.smooth:
-            pieces.append(eager.active_transformed(logits, local_target, spec).sum(-1))
+            pieces.append(torch.cat([t.sum(-1) for _, t in eager.transformed_rows(logits, local_target, spec)], -1))
     summed = all_reduce(torch.stack(pieces), group)
     lse = m + torch.log(summed[0])
     if spec.js:
-        t = eager.active_transformed(logits, local_target, spec)
-        logp = t - lse[..., None].to(t.dtype)
-        kl = eager.masked_product(logp.exp(), logp - eager.log_mean_prob(logp)).sum(-1)
+        chunks = eager.transformed_rows(logits, local_target, spec)
+        kl = torch.cat([_kl_to_mean(t, lse[:, rows]) for rows, t in chunks], -1)
         stat = all_reduce(kl.to(lse.dtype), group)
     else:
         stat = summed[1] / summed[0]
