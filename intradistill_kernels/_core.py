@@ -255,7 +255,8 @@ def _warn_fallback(device_type: str) -> None:
     reasons = "; ".join(f"{n}: {registry.unavailable_reason(n) or 'does not take these tensors'}" for n in expected)
     warnings.warn(
         f"intradistill_kernels: backend='auto' falls back to the eager backend on {device_type} "
-        f"(an order of magnitude slower) because no fused backend is usable: {reasons}. "
+        f"(an order of magnitude slower on a CPU, see benchmarks/; more memory on a GPU) "
+        f"because no fused backend is usable: {reasons}. "
         "Run `python -m intradistill_kernels` for a diagnosis.", RuntimeWarning, stacklevel=4)
 
 
