@@ -185,6 +185,19 @@ def test_cpu_exp_subnormal_inf_rule(backend, below_max):
                         torch.float32)
 
 
+
+@pytest.mark.parametrize("k", [2, 3, 5, 7])
+@pytest.mark.parametrize("backend", all_backends())
+def test_one_class_js_is_exactly_zero(backend, k):
+    """With one class every p_k is 1 and p̄ = p_k: log p̄ must cancel log p_k exactly, so JS and
+    its gradient are 0 however many rows are summed (Triton once subtracted tl.log(K) from its
+    own log of Σ_k p_k, one unit in the last place apart: 1.2e-7 per row)."""
+    logits = (torch.randn(k, 64, 1, generator=torch.Generator().manual_seed(k)) * 8).requires_grad_()
+    out = idk.js_divergence(logits, reduction="sum", backend=backend)
+    (grad,) = torch.autograd.grad(out * 1.7, logits)
+    assert out.item() == 0.0
+    assert not bool(grad.any())
+
 if __name__ == "__main__":  # the subprocess of test_element_offsets_beyond_2_31
     _check_huge_offsets(sys.argv[1])
     print(f"huge offsets ok: {sys.argv[1]}")

@@ -214,7 +214,9 @@ def _log_mean_prob(p, kmask, ln_k):
     """log p̄ per class from the [K_PAD, BLOCK_V] probabilities p_k (0 at padded passes), as
     log Σ_k p_k − ln K: p_k <= 1 needs no shift, and Σ_k p_k is at least its largest term, so it
     is never below 2^-126 where some p_k is not 0 (Σ_k p_k / K could be, and a flushed log
-    argument would give -inf). A class whose p_k are all 0 gets -inf, which its p_k = 0 masks."""
+    argument would give -inf). A class whose p_k are all 0 gets -inf, which its p_k = 0 masks.
+    ln_k is _log(K), not tl.log(K): the two differ in the last bit, and equal p_k (one class, or
+    identical passes at p_k = 1) must give log p̄ = log p_k and a divergence of exactly 0."""
     return _log(_pass_sum(p, kmask)) - ln_k
 
 
@@ -309,7 +311,7 @@ def _grad_tile(t, is_y, lse, c, w_ce, w_div, kmask, V, label_smoothing, logit_sc
     The p_k-proportional part is 0 where p_k = 0 (a class at -inf, whose u_k is not finite)."""
     p = tl.where(kmask[:, None], _exp(t - lse[:, None]), 0.0)
     if JS:
-        u = (t - lse[:, None]) - _log_mean_prob(p, kmask, tl.log(K * 1.0))[None, :]
+        u = (t - lse[:, None]) - _log_mean_prob(p, kmask, _log(K * 1.0))[None, :]
         q = tl.zeros(is_y.shape, tl.float32)
     else:
         u, _, _ = _deviation(t, kmask, K)
@@ -452,7 +454,7 @@ def _forward_kernel(
     if JS:
         # Second sweep: KL_k = Σ p_k (log p_k - log p̄); log p̄ needs every lse_k first.
         kl = tl.zeros([K_PAD, BLOCK_V // G], tl.float32)
-        ln_k = tl.log(K * 1.0)
+        ln_k = _log(K * 1.0)
         if UNIT:
             for v0 in range(0, v_full, BLOCK_V):
                 kl = _kl_tile(row, v0, ks, kmask, V, stride_k, stride_v, logit_scale, softcap, mx, log_s, ln_k, kl,
